@@ -1,0 +1,91 @@
+"""Causal self-attention: multi-head with optional shared key/value heads (GQA, MQA), computed by
+either backend: `manual` (q·kᵀ/√d, explicit mask, softmax, dropout, ·v, as in nanoGPT) or `sdpa`
+(torch.nn.functional.scaled_dot_product_attention)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmlab.config import ModelConfig
+from llmlab.model.cache import KVCache
+from llmlab.model.positions import Rotary, apply_rope
+
+
+def causal_mask(t: int, s: int, device) -> torch.Tensor:
+    """(T, S) boolean, True where allowed: query i (the last T of S positions) sees keys j <= i."""
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+
+
+def manual_attention(q, k, v, mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+    """q: (B, H, T, hd); k, v: (B, Hkv, S, hd) with H a multiple of Hkv; mask: bool broadcastable to
+    (B, H, T, S) or None for plain causal. Query heads are grouped onto their shared k/v head by a
+    reshape + broadcast, so the shared heads are never copied."""
+    b, h, t, hd = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    q = q.view(b, hkv, h // hkv, t, hd)  # (B, Hkv, G, T, hd)
+    att = (q @ k.unsqueeze(2).transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, Hkv, G, T, S)
+    if mask is None:
+        mask = causal_mask(t, s, q.device)
+    elif mask.dim() == 4:  # (B|1, 1, T, S) -> (B|1, 1, 1, T, S)
+        mask = mask.unsqueeze(2)
+    att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    if dropout_p > 0.0:
+        att = F.dropout(att, p=dropout_p)
+    return (att @ v.unsqueeze(2)).view(b, h, t, hd)
+
+
+def sdpa_attention(q, k, v, mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=mask is None, enable_gqa=gqa)
+
+
+BACKENDS = {"manual": manual_attention, "sdpa": sdpa_attention}
+
+
+class CausalSelfAttention(nn.Module):
+    """MHA when n_kv_head == n_head, GQA when it divides n_head, MQA when it is 1.
+    One fused projection yields [q (H·hd) | k (Hkv·hd) | v (Hkv·hd)]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_size
+        qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.has_qkv_bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        self.proj.residual_proj = True  # scaled init (see Transformer._init_weights)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.backend = config.attn_backend
+
+    def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
+        return KVCache(batch, self.n_kv_head, max_len, self.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, rotary: Rotary = None, mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, input_pos: Optional[torch.Tensor] = None):
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+        q = q.view(b, t, self.n_head, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(b, t, self.n_kv_head, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(b, t, self.n_kv_head, hd).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rope(q, *rotary), apply_rope(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)  # (B, Hkv, S, hd): every slot, masked by `mask`
+        dropout_p = self.dropout if self.training else 0.0
+        y = BACKENDS[self.backend](q, k, v, mask, dropout_p)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(b, t, self.n_head * hd)
+        return self.resid_dropout(self.proj(y))
+
+
+ATTENTIONS = {"mha": CausalSelfAttention}
+
+
+def build_attention(config: ModelConfig) -> nn.Module:
+    return ATTENTIONS[config.attention](config)

@@ -1,0 +1,70 @@
+"""Inference caches. Each attention kind builds its own per-layer cache (`attn.new_cache`), holding
+only what that kind needs; `InferenceCache` bundles the layers with the per-row bookkeeping
+(left padding) shared by all kinds.
+
+Buffers are allocated once for (batch, max_len) and written in place at `input_pos` (slots), so a
+decode step has static shapes (gpt-fast style) and never allocates a growing tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+class KVCache(nn.Module):
+    """Keys and values of one multi-head (or GQA/MQA) layer: (B, n_kv_head, max_len, head_dim) each.
+    Only n_kv_head heads are stored; query heads that share them are never expanded here."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None):
+        super().__init__()
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H, T, hd) at slots input_pos (T,); return the whole buffers (B, H, S, hd)."""
+        b = k.shape[0]
+        self.k[:b, :, input_pos] = k
+        self.v[:b, :, input_pos] = v
+        return self.k[:b], self.v[:b]
+
+
+class InferenceCache(nn.Module):
+    """All layers' caches for one generation, plus each row's left padding.
+
+    Rows are left-padded to a common prompt length: row b's real tokens start at slot pad[b]. A
+    token at slot s has position s - pad[b], and attends to slots j with pad[b] <= j <= s
+    (a padded slot attends only to itself, so no softmax row is empty)."""
+
+    def __init__(self, layers: list[nn.Module], batch: int, max_len: int,
+                 device: torch.device | str | None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.batch, self.max_len = batch, max_len
+        self.register_buffer("pad", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
+
+    def set_padding(self, pad: Optional[torch.Tensor]) -> None:
+        self.pad.zero_()
+        if pad is not None:
+            self.pad[: pad.shape[0]] = pad.to(self.pad.device)
+
+    def positions(self, input_pos: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, T) position ids of the tokens written at slots input_pos."""
+        return (input_pos[None, :] - self.pad[:batch, None]).clamp_min(0)
+
+    def mask(self, input_pos: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, 1, T, S) boolean: True where query slot input_pos[t] may attend to slot s."""
+        q = input_pos[:, None]  # (T, 1)
+        s = self.slots[None, :]  # (1, S)
+        causal = s <= q  # (T, S)
+        real = s[None] >= self.pad[:batch, None, None]  # (B, 1, S)
+        return ((causal[None] & real) | (s == q)[None]).unsqueeze(1)
+
+    def bytes_per_token(self) -> int:
+        """Bytes the cache holds per token of one sequence, measured from the allocated buffers."""
+        total = sum(b.numel() * b.element_size() for layer in self.layers for b in layer.buffers())
+        return total // (self.batch * self.max_len)

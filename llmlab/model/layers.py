@@ -1,0 +1,52 @@
+"""Norms and MLPs, each picked by name from the config."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmlab.config import ModelConfig
+
+
+def build_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":  # x / rms(x) * g (Llama); computed in fp32 inside torch
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class MLP(nn.Module):
+    """GPT-2 feed-forward: proj(gelu(fc(x))). gelu_tanh is GPT-2's own tanh approximation."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.ffn_size, bias=config.bias)
+        self.proj = nn.Linear(config.ffn_size, config.n_embd, bias=config.bias)
+        self.proj.residual_proj = True  # scaled init (see Transformer._init_weights)
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+
+
+class SwiGLU(nn.Module):
+    """Llama feed-forward: down(silu(gate(x)) * up(x)). gate and up are one fused matmul (`fc`),
+    gate rows first, so a Llama checkpoint maps by concatenating gate_proj and up_proj."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 2 * config.ffn_size, bias=config.bias)
+        self.proj = nn.Linear(config.ffn_size, config.n_embd, bias=config.bias)
+        self.proj.residual_proj = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.dropout(self.proj(F.silu(gate) * up))
+
+
+MLPS = {"gelu": MLP, "gelu_tanh": MLP, "swiglu": SwiGLU}
+
+
+def build_mlp(config: ModelConfig) -> nn.Module:
+    return MLPS[config.mlp](config)

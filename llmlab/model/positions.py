@@ -1,0 +1,125 @@
+"""Position encodings. Each kind either adds a vector to the token embeddings (`embed`) or rotates
+queries and keys inside attention (`rotary`); the model calls both and each kind does one of them.
+
+`pos` is a LongTensor of positions, shape (T,) shared by all rows or (B, T) per row.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from llmlab.config import ModelConfig
+
+Rotary = Optional[tuple[torch.Tensor, torch.Tensor]]  # (cos, sin), each (T, hd) or (B, 1, T, hd)
+
+
+class NoPositions(nn.Module):
+    """No explicit positions (the causal mask alone orders tokens)."""
+
+    max_positions: Optional[int] = None  # any length
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def rotary(self, pos: torch.Tensor) -> Rotary:
+        return None
+
+    def ensure_length(self, n: int) -> None:
+        pass
+
+
+class LearnedPositions(NoPositions):
+    """GPT-2 / nanoGPT: a trained (block_size, C) table; cannot go past block_size."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.max_positions = config.block_size
+        self.weight = nn.Parameter(torch.randn(config.block_size, config.n_embd) * 0.02)
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return x + self.weight[pos]
+
+
+def sinusoidal_table(n: int, dim: int) -> torch.Tensor:
+    """Vaswani et al. 2017: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same)."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    inv = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(n, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv[: dim // 2])
+    return table.float()
+
+
+class SinusoidalPositions(NoPositions):
+    """Fixed sinusoids, no parameters, any length (the table grows on demand, never saved)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dim = config.n_embd
+        self.register_buffer("table", sinusoidal_table(config.block_size, self.dim), persistent=False)
+
+    def ensure_length(self, n: int) -> None:
+        if n > self.table.shape[0]:
+            self.table = sinusoidal_table(n, self.dim).to(self.table.device)
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.ensure_length(int(pos.max()) + 1)
+        return x + self.table[pos].to(x.dtype)
+
+
+def rope_tables(n: int, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoFormer angles p * theta^(-2i/d) for i < d/2, repeated for the half-split layout:
+    channel j and j + d/2 form one rotating pair (the layout of Llama checkpoints in transformers)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (n, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (n, d)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_j, x_{j+d/2}) pair by its angle: x*cos + rotate_half(x)*sin,
+    rotate_half(x) = (-x2, x1). x: (B, H, T, hd); cos/sin broadcast to it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class RotaryPositions(NoPositions):
+    """RoPE: nothing added to embeddings; q and k are rotated by position-dependent angles so that
+    q·k depends only on the position difference. cos/sin tables are non-persistent buffers."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dim, self.theta = config.head_size, config.rope_theta
+        cos, sin = rope_tables(config.block_size, self.dim, self.theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def ensure_length(self, n: int) -> None:
+        if n > self.cos.shape[0]:
+            cos, sin = rope_tables(n, self.dim, self.theta)
+            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+
+    def rotary(self, pos: torch.Tensor) -> Rotary:
+        if not torch.compiler.is_compiling():
+            self.ensure_length(int(pos.max()) + 1)
+        cos, sin = self.cos[pos], self.sin[pos]  # (T, hd) or (B, T, hd)
+        if pos.dim() == 2:  # per-row positions: add the head axis -> (B, 1, T, hd)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
+
+POSITIONS = {
+    "none": lambda c: NoPositions(),
+    "learned": LearnedPositions,
+    "sinusoidal": SinusoidalPositions,
+    "rope": RotaryPositions,
+}
+
+
+def build_positions(config: ModelConfig) -> NoPositions:
+    return POSITIONS[config.position](config)

@@ -1,0 +1,48 @@
+"""The ladder: each rung is a named preset of the one generic decoder (never a copy of the model).
+
+A preset fixes the *kinds* (attention, backend, positions, norm, MLP, cache); sizes come from the
+defaults below or from the user's flags."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmlab.config import ModelConfig
+from llmlab.errors import LlmlabError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+# A small default model: trains on a 2-core CPU in a couple of minutes.
+SMALL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0)
+
+PRESETS: dict[str, Preset] = {}
+
+
+def register(name: str, description: str, **fields: Any) -> None:
+    PRESETS[name] = Preset(name, description, fields)
+
+
+register("basic", "nanoGPT-style GPT: learned positions, hand-written attention (mask + softmax)",
+         attn_backend="manual", position="learned", norm="layernorm", mlp="gelu")
+register("flash", "basic on torch scaled_dot_product_attention (fused/flash kernels)",
+         attn_backend="sdpa", position="learned", norm="layernorm", mlp="gelu")
+
+
+def preset_config(name: str, **overrides: Any) -> ModelConfig:
+    """The full ModelConfig of a preset: small defaults, then the preset's kinds, then overrides."""
+    if name not in PRESETS:
+        raise LlmlabError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)} "
+                          "(see `llmlab presets`)")
+    values = {**SMALL, **PRESETS[name].fields}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = set(ModelConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LlmlabError(f"unknown model setting(s): {', '.join(unknown)}")
+    return ModelConfig(**values)
