@@ -36,7 +36,7 @@ class ModelConfig:
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"
-    use_cache: bool = False  # generate() default: reuse keys/values instead of recomputing
+    use_cache: bool = True  # generate()'s default: reuse cached keys/values instead of recomputing
     extra: dict[str, Any] = field(default_factory=dict)  # kind-specific settings of later rungs
 
     def __post_init__(self) -> None:

@@ -28,10 +28,14 @@ def register(name: str, description: str, **fields: Any) -> None:
     PRESETS[name] = Preset(name, description, fields)
 
 
+GPT = dict(attention="mha", position="learned", norm="layernorm", mlp="gelu")
+
 register("basic", "nanoGPT-style GPT: learned positions, hand-written attention (mask + softmax)",
-         attn_backend="manual", position="learned", norm="layernorm", mlp="gelu")
+         **GPT, attn_backend="manual", use_cache=False)
 register("flash", "basic on torch scaled_dot_product_attention (fused/flash kernels)",
-         attn_backend="sdpa", position="learned", norm="layernorm", mlp="gelu")
+         **GPT, attn_backend="sdpa", use_cache=False)
+register("kv_cache", "flash + a static KV cache: prefill once, then decode one token per step",
+         **GPT, attn_backend="sdpa", use_cache=True)
 
 
 def preset_config(name: str, **overrides: Any) -> ModelConfig:

@@ -1,0 +1,211 @@
+"""The `llmlab` command line. Every user error ends as one `error: ...` line and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Optional
+
+from llmlab.errors import LlmlabError
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model (no arguments: a small model on the built-in corpus)",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="TOML file of training settings (flags override it)")
+    p.add_argument("--preset", help="rung of the ladder (see `llmlab presets`; default flash)")
+    p.add_argument("--data", help="text file, directory of text files, or 'shakespeare' (default: built-in)")
+    p.add_argument("--tokenizer", choices=["byte", "char", "bpe"], help="default byte")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 1024)")
+    for flag in ("--n-layer", "--n-head", "--n-kv-head", "--n-embd", "--block-size", "--batch-size",
+                 "--grad-accum", "--max-iters", "--warmup-iters", "--eval-interval", "--eval-iters",
+                 "--seed", "--sample-tokens"):
+        p.add_argument(flag, type=int)
+    for flag in ("--lr", "--min-lr", "--dropout", "--weight-decay", "--grad-clip"):
+        p.add_argument(flag, type=float)
+    p.add_argument("--out", help="run directory (default runs/default)")
+    p.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+
+def _sampling_args(p) -> None:
+    p.add_argument("--prompt", default=None, help="text to continue (default: start of a text)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmlab", description="Build, train, sample and compare small LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub)
+    p = sub.add_parser("sample", help="generate text from a run, printed as it is produced")
+    p.add_argument("run_dir")
+    _sampling_args(p)
+    p.add_argument("--no-cache", action="store_true", help="recompute every step instead of a KV cache")
+    p = sub.add_parser("eval", help="validation loss and perplexity of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--data", default=None, help="evaluate on this data's validation split instead")
+    p.add_argument("--max-tokens", type=int, default=200_000, help="evaluate at most this many tokens")
+    p.add_argument("--device", default="auto")
+    p = sub.add_parser("convert", help="to / from Hugging Face transformers (GPT-2, Llama, Qwen2)")
+    p.add_argument("run_dir", nargs="?", help="llmlab run to export (with --to-hf)")
+    p.add_argument("--from-hf", help="Hugging Face model directory to import (with --out)")
+    p.add_argument("--out", help="run directory to write (with --from-hf)")
+    p.add_argument("--to-hf", help="directory to write the Hugging Face model to")
+    sub.add_parser("presets", help="list the rungs of the ladder")
+    p = sub.add_parser("plot", help="PNG of train and val loss of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/loss.png)")
+    p = sub.add_parser("bench", help="benchmarks (decode: prefill/decode tokens/s, cache bytes per token)")
+    p.add_argument("what", choices=["decode"])
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help)")
+    return parser
+
+
+# ---- commands ------------------------------------------------------------------------------
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise LlmlabError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise LlmlabError(f"config file {path} is not valid TOML ({e})") from None
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from llmlab.train import TrainArgs, train
+
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
+    values = _read_toml(ns.config) if getattr(ns, "config", None) else {}
+    values.update(given)
+    known = {f.name for f in dataclasses.fields(TrainArgs)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LlmlabError(f"unknown training setting(s) in config: {', '.join(unknown)}")
+    summary = train(TrainArgs(**values))
+    print(f"trained to step {summary['step']}: val loss {summary['val_loss']:.4f} "
+          f"(best {summary['best_val_loss']:.4f}), {summary['params'] / 1e6:.2f}M params -> {summary['out']}")
+    if "sample" in summary:
+        print("--- sample ---")
+        print(summary["sample"])
+    return 0
+
+
+def _load_run(run_dir: str, device: str):
+    from llmlab.checkpoint import load, resolve_checkpoint
+    from llmlab.tokenizer import load_tokenizer
+    from llmlab.train import pick_device
+
+    directory = resolve_checkpoint(run_dir)
+    model = load(directory, device=pick_device(device))
+    return model, load_tokenizer(directory)
+
+
+def cmd_sample(ns: argparse.Namespace) -> int:
+    from llmlab.sample import stream_text
+
+    model, tok = _load_run(ns.run_dir, ns.device)
+    if ns.prompt:
+        tok.encode(ns.prompt)  # a prompt the tokenizer cannot encode fails here, before any output
+        sys.stdout.write(ns.prompt)
+    for piece in stream_text(model, tok, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_k, ns.top_p,
+                             ns.seed, use_cache=False if ns.no_cache else None):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from llmlab.data import encode_corpus, load_text, split_ids
+    from llmlab.checkpoint import read_meta, resolve_checkpoint
+
+    model, tok = _load_run(ns.run_dir, ns.device)
+    data = ns.data or read_meta(resolve_checkpoint(ns.run_dir))["train"].get("data")
+    name, text = load_text(data)
+    _, val = split_ids(encode_corpus(text, tok))
+    blk = model.config.block_size
+    n = min(len(val) - 1, ns.max_tokens) // blk * blk
+    if n <= 0:
+        raise LlmlabError(f"the validation split of {name} ({len(val)} tokens) is shorter than block_size {blk}")
+    ids = torch.from_numpy(np.asarray(val[: n + 1], dtype=np.int64)).to(model.tok_emb.weight.device)
+    x, y = ids[:-1].view(-1, blk), ids[1:].view(-1, blk)  # consecutive, non-overlapping windows
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], 16):
+            total += model.loss(x[i:i + 16], y[i:i + 16]).item() * x[i:i + 16].numel()
+    loss = total / n
+    print(json.dumps({"data": name, "tokens": n, "val_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3)}))
+    return 0
+
+
+def cmd_convert(ns: argparse.Namespace) -> int:
+    from llmlab import hf
+
+    if ns.from_hf and ns.out and not ns.to_hf and not ns.run_dir:
+        hf.convert_from_hf(ns.from_hf, ns.out)
+        print(f"converted {ns.from_hf} -> {ns.out}")
+    elif ns.run_dir and ns.to_hf and not ns.from_hf:
+        hf.convert_to_hf(ns.run_dir, ns.to_hf)
+        print(f"converted {ns.run_dir} -> {ns.to_hf} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    else:
+        raise LlmlabError("use `llmlab convert --from-hf HF_DIR --out RUN_DIR` or `llmlab convert RUN_DIR --to-hf HF_DIR`")
+    return 0
+
+
+def cmd_presets(ns: argparse.Namespace) -> int:
+    from llmlab.presets import PRESETS
+
+    width = max(map(len, PRESETS))
+    for name, preset in PRESETS.items():
+        print(f"{name:<{width}}  {preset.description}")
+    return 0
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from llmlab.plot import plot_run
+
+    path = plot_run(Path(ns.run_dir), Path(ns.out) if ns.out else None)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from llmlab.bench import main as bench_main
+
+    return bench_main(ns.bench_args)
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert": cmd_convert,
+            "presets": cmd_presets, "plot": cmd_plot, "bench": cmd_bench}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[ns.command](ns)
+    except LlmlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

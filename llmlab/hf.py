@@ -1,0 +1,334 @@
+"""Hugging Face interop: GPT-2, Llama and Qwen2 checkpoints <-> the generic llmlab Transformer.
+
+Conversion is two small steps: the HF config becomes a ModelConfig (or the reverse), and the weights
+are renamed by one table per architecture. A table row is (our name, HF name(s), transposed?):
+
+* GPT-2 stores its linears as `Conv1D`, weight [in, out], so each is transposed to nn.Linear's
+  [out, in]. Its c_attn is already one fused [q | k | v] projection, the same layout as our `qkv`.
+* Llama / Qwen2 keep q_proj, k_proj, v_proj separate; our fused `qkv` is their row concatenation
+  (q: n_head*hd rows, then k and v: n_kv_head*hd rows each). gate_proj and up_proj concatenate into
+  our fused SwiGLU `fc` (gate rows first). HF's rotate_half RoPE is the half-split layout our
+  RotaryPositions uses, so q/k rows need no permutation.
+
+A bias that exists on one side only is filled with zeros when the other side lacks it (e.g. a
+bias=False nanoGPT exported as GPT-2, which always has biases): the function is unchanged. A bias
+that would have to be dropped while non-zero is an error, never a silent loss.
+
+Only safetensors are read (HF's loader is called with use_safetensors=True) and written
+(save_pretrained writes safetensors in transformers 5.x). `transformers` is imported lazily.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from llmlab.checkpoint import load, read_meta, resolve_checkpoint, save_checkpoint
+from llmlab.config import ModelConfig
+from llmlab.errors import LlmlabError
+from llmlab.model import Transformer
+
+ARCHS = ("gpt2", "llama", "qwen2")
+GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "gelu_python": "gelu"}
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+Row = tuple[str, tuple[str, ...], bool]
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise LlmlabError("Hugging Face conversion needs the `transformers` package; "
+                          "install it with `pip install transformers`") from None
+    return transformers
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+# ---- configs ------------------------------------------------------------------------------------
+def _rope_theta(c) -> float:
+    """RoPE base of a Llama-family config; only plain (unscaled, full-width) RoPE maps to ours.
+    transformers 5.x keeps it in `rope_parameters`; older versions used rope_theta + rope_scaling."""
+    if hasattr(c, "rope_parameters"):
+        params = dict(c.rope_parameters or {})
+    else:
+        params = dict(getattr(c, "rope_scaling", None) or {})
+    if params and not any(k in params for k in ("rope_type", "type", "rope_theta")):
+        raise LlmlabError(f"{c.model_type}: per-layer RoPE parameters ({', '.join(params)}) are not supported")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise LlmlabError(f"{c.model_type}: RoPE scaling {kind!r} is not supported (only plain RoPE maps to llmlab)")
+    if float(params.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise LlmlabError(f"{c.model_type}: partial rotary embeddings are not supported")
+    theta = params.get("rope_theta", getattr(c, "rope_theta", None))
+    return float(theta if theta is not None else 10000.0)
+
+
+def config_from_hf(c) -> ModelConfig:
+    """The ModelConfig of an HF GPT-2 / Llama / Qwen2 config (dropout 0: override it to fine-tune)."""
+    arch = getattr(c, "model_type", None)
+    if arch not in ARCHS:
+        raise LlmlabError(f"unsupported Hugging Face model_type {arch!r}; llmlab converts: {', '.join(ARCHS)}")
+    if arch == "gpt2":
+        act = c.activation_function
+        if act not in GPT2_ACTS:
+            raise LlmlabError(f"gpt2: activation {act!r} is not supported (use one of {', '.join(GPT2_ACTS)})")
+        if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx or c.add_cross_attention:
+            raise LlmlabError("gpt2: non-standard attention (unscaled, per-layer scaled or cross) is not supported")
+        return ModelConfig(
+            vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
+            n_embd=c.n_embd, intermediate_size=c.n_inner if c.n_inner not in (None, 4 * c.n_embd) else None,
+            dropout=0.0, bias=True, tie_embeddings=bool(c.tie_word_embeddings), attention="mha",
+            attn_backend="sdpa", position="learned", norm="layernorm", norm_eps=c.layer_norm_epsilon,
+            mlp=GPT2_ACTS[act])
+    # llama / qwen2: pre-norm RMSNorm + RoPE + SwiGLU
+    if c.hidden_act not in ("silu", "swish"):
+        raise LlmlabError(f"{arch}: MLP activation {c.hidden_act!r} is not supported (only silu / SwiGLU)")
+    if arch == "qwen2" and (getattr(c, "use_sliding_window", False)
+                            or any(t != "full_attention" for t in (getattr(c, "layer_types", None) or ()))):
+        raise LlmlabError("qwen2: sliding-window attention is not supported (set use_sliding_window=false)")
+    theta = _rope_theta(c)
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads or c.num_attention_heads
+    if arch == "llama":  # q/k/v/o share attention_bias; gate/up/down share mlp_bias
+        attn_b, mlp_b = bool(getattr(c, "attention_bias", False)), bool(getattr(c, "mlp_bias", False))
+        bias, qkv_bias = attn_b or mlp_b, attn_b  # o_proj/MLP biases missing in HF become zeros here
+    else:  # qwen2: bias on q/k/v only
+        bias, qkv_bias = False, True
+    return ModelConfig(
+        vocab_size=c.vocab_size, block_size=c.max_position_embeddings, n_layer=c.num_hidden_layers,
+        n_head=c.num_attention_heads, n_kv_head=None if kv == c.num_attention_heads else kv,
+        n_embd=c.hidden_size, head_dim=None if hd == c.hidden_size // c.num_attention_heads else hd,
+        intermediate_size=c.intermediate_size, dropout=0.0, bias=bias,
+        qkv_bias=None if qkv_bias == bias else qkv_bias, tie_embeddings=bool(c.tie_word_embeddings),
+        attention="mha", attn_backend="sdpa", position="rope", rope_theta=theta, norm="rmsnorm",
+        norm_eps=c.rms_norm_eps, mlp="swiglu")
+
+
+def config_to_hf(cfg: ModelConfig):
+    """(model_type, HF config) for a ModelConfig, or LlmlabError naming what has no HF equivalent."""
+    tf = _transformers()
+    shape = f"position={cfg.position!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}"
+    if cfg.attention != "mha":
+        raise LlmlabError(f"cannot export to Hugging Face: attention={cfg.attention!r} has no HF equivalent")
+    if cfg.extra:
+        raise LlmlabError(f"cannot export to Hugging Face: extra settings {sorted(cfg.extra)} have no HF equivalent")
+    no_ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # the model does not know them
+    try:
+        if cfg.position == "learned" and cfg.norm == "layernorm" and cfg.mlp in ("gelu", "gelu_tanh"):
+            if cfg.kv_heads != cfg.n_head or cfg.head_size * cfg.n_head != cfg.n_embd:
+                raise LlmlabError("cannot export to Hugging Face GPT-2: it needs n_kv_head = n_head and "
+                                  f"head_dim = n_embd / n_head (got n_kv_head={cfg.kv_heads}, head_dim={cfg.head_size})")
+            return "gpt2", tf.GPT2Config(
+                vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                n_head=cfg.n_head, n_inner=cfg.ffn_size,
+                activation_function="gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
+                layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                attn_pdrop=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, **no_ids)
+        if cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
+            common = dict(
+                vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_size,
+                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+                max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+                rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+                attention_dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, **no_ids)
+            if cfg.head_size * cfg.n_head != cfg.n_embd:
+                common["head_dim"] = cfg.head_size
+            if cfg.has_qkv_bias and not cfg.bias:  # exactly Qwen2's bias pattern
+                return "qwen2", tf.Qwen2Config(**common)
+            # Llama biases are all-or-nothing per block part; a missing qkv bias is written as zeros
+            return "llama", tf.LlamaConfig(attention_bias=cfg.bias, mlp_bias=cfg.bias, **common)
+    except (ValueError, TypeError) as e:  # HF's own config validation
+        raise LlmlabError(f"cannot export to Hugging Face: {_one_line(e)}") from None
+    raise LlmlabError(f"cannot export to Hugging Face: {shape} matches no supported architecture "
+                      "(GPT-2 needs learned + layernorm + gelu/gelu_tanh; Llama/Qwen2 need rope + rmsnorm + swiglu)")
+
+
+# ---- weights ------------------------------------------------------------------------------------
+def _rows(arch: str, n_layer: int) -> list[Row]:
+    """(our key, HF keys, transposed) for every tensor of one architecture."""
+    if arch == "gpt2":
+        rows: list[Row] = [("tok_emb.weight", ("transformer.wte.weight",), False),
+                           ("pos.weight", ("transformer.wpe.weight",), False)]
+        parts = [("norm1", "ln_1", False), ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
+                 ("norm2", "ln_2", False), ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)]
+        for i in range(n_layer):
+            for ours, theirs, conv1d in parts:
+                b, h = f"blocks.{i}.{ours}", f"transformer.h.{i}.{theirs}"
+                rows += [(b + ".weight", (h + ".weight",), conv1d), (b + ".bias", (h + ".bias",), False)]
+        return rows + [("norm_f.weight", ("transformer.ln_f.weight",), False),
+                       ("norm_f.bias", ("transformer.ln_f.bias",), False),
+                       ("lm_head.weight", ("lm_head.weight",), False)]
+    rows = [("tok_emb.weight", ("model.embed_tokens.weight",), False)]
+    for i in range(n_layer):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        att, mlp = h + "self_attn.", h + "mlp."
+        for s in ("weight", "bias"):
+            rows += [(b + f"attn.qkv.{s}", tuple(att + f"{p}_proj.{s}" for p in "qkv"), False),
+                     (b + f"attn.proj.{s}", (att + f"o_proj.{s}",), False),
+                     (b + f"mlp.fc.{s}", (mlp + f"gate_proj.{s}", mlp + f"up_proj.{s}"), False),
+                     (b + f"mlp.proj.{s}", (mlp + f"down_proj.{s}",), False)]
+        rows += [(b + "norm1.weight", (h + "input_layernorm.weight",), False),
+                 (b + "norm2.weight", (h + "post_attention_layernorm.weight",), False)]
+    return rows + [("norm_f.weight", ("model.norm.weight",), False), ("lm_head.weight", ("lm_head.weight",), False)]
+
+
+def _remap(src: dict[str, torch.Tensor], rows: list[Row], target: dict[str, torch.Size],
+           to_hf: bool) -> dict[str, torch.Tensor]:
+    """Rename `src` (ours if to_hf, else HF's) into the keys/shapes of `target`."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for ours, theirs, transposed in rows:
+        src_keys, dst_keys = ((ours,), theirs) if to_hf else (theirs, (ours,))
+        parts = [src.get(k) for k in src_keys]
+        used.update(k for k in src_keys if k in src)
+        dst = [k for k in dst_keys if k in target]
+        if not dst:  # no such tensor on the target side: fine only if it carries nothing
+            if any(p is not None and p.any() for p in parts):
+                raise LlmlabError(f"weight {src_keys[0]} is non-zero but the target model has no place for it")
+            continue
+        if len(dst) != len(dst_keys):
+            raise LlmlabError(f"target model has only some of {', '.join(dst_keys)}")
+        if all(p is None for p in parts) and ours.endswith(".bias"):  # absent bias = zero bias
+            for k in dst:
+                out[k] = torch.zeros(target[k])
+            continue
+        if any(p is None for p in parts):
+            raise LlmlabError(f"weight {src_keys[parts.index(None)]} is missing from the source model")
+        w = torch.cat(parts, dim=0)
+        if transposed:
+            w = w.t()
+        pieces = w.split([target[k][0] for k in dst], dim=0) if len(dst) > 1 else (w,)
+        for k, p in zip(dst, pieces):
+            if p.shape != target[k]:
+                raise LlmlabError(f"weight {k} has shape {tuple(p.shape)} in the source but {tuple(target[k])} "
+                                  "in the model built from the config (check the overrides)")
+            out[k] = p.contiguous()
+    left = sorted(set(src) - used)
+    if left:
+        raise LlmlabError(f"{len(left)} weight(s) have no llmlab equivalent (e.g. {left[0]}); "
+                          "the model uses a feature llmlab does not convert")
+    missing = sorted(set(target) - set(out))
+    if missing:
+        raise LlmlabError(f"no source weight for {missing[0]} ({len(missing)} missing)")
+    return out
+
+
+# ---- HF -> llmlab -------------------------------------------------------------------------------
+def _load_hf_dir(path: Path):
+    tf = _transformers()
+    if not path.is_dir():
+        raise LlmlabError(f"{path} is not a directory; from_hf reads a local Hugging Face model directory "
+                          "(config.json + model.safetensors), e.g. one written by `huggingface-cli download`")
+    if not (path / "config.json").is_file():
+        raise LlmlabError(f"{path} holds no Hugging Face model (no config.json)")
+    try:
+        if json.loads((path / "config.json").read_text()).get("format", "").startswith("llmlab"):
+            raise LlmlabError(f"{path} is an llmlab checkpoint, not a Hugging Face model; use llmlab.load")
+    except (OSError, ValueError, AttributeError):
+        pass  # let AutoConfig report it
+    try:
+        hf_config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises several types for a bad config.json
+        raise LlmlabError(f"{path}/config.json is not a loadable Hugging Face config ({_one_line(e)})") from None
+    config_from_hf(hf_config)  # fail on unsupported models before reading any weights
+    if not any((path / f).is_file() for f in SAFETENSORS_FILES):
+        raise LlmlabError(f"{path} has no model.safetensors; llmlab never unpickles .bin weights "
+                          "(convert them to safetensors first)")
+    try:
+        model, info = tf.AutoModelForCausalLM.from_pretrained(
+            str(path), config=hf_config, dtype=torch.float32, use_safetensors=True,
+            local_files_only=True, output_loading_info=True)
+    except Exception as e:
+        raise LlmlabError(f"cannot load the Hugging Face model in {path} ({_one_line(e)})") from None
+    bad = sorted(set(info.get("missing_keys", ())) | {m[0] for m in info.get("mismatched_keys", ())})
+    if bad:  # HF would have filled these with random init: refuse instead
+        raise LlmlabError(f"{path}/model.safetensors lacks or mis-shapes {len(bad)} weight(s) (e.g. {bad[0]})")
+    return model
+
+
+def from_hf(path_or_model: Union[str, os.PathLike, Any], **overrides: Any) -> Transformer:
+    """An llmlab Transformer (fp32, eval mode) from a local HF GPT-2 / Llama / Qwen2 directory or an
+    already loaded `*ForCausalLM` model. `overrides` replace config fields (e.g. attn_backend="manual")."""
+    if isinstance(path_or_model, (str, os.PathLike)):
+        hf_model = _load_hf_dir(Path(path_or_model))
+    else:
+        hf_model = path_or_model
+        if not (hasattr(hf_model, "config") and hasattr(hf_model, "state_dict")):
+            raise LlmlabError(f"from_hf needs a directory or a transformers model, got {type(hf_model).__name__}")
+    config = config_from_hf(hf_model.config).replace(**overrides)
+    model = Transformer(config)
+    src = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}
+    target = {k: v.shape for k, v in model.state_dict().items()}
+    try:
+        weights = _remap(src, _rows(hf_model.config.model_type, config.n_layer), target, to_hf=False)
+    except LlmlabError as e:
+        raise LlmlabError(f"{e} (overrides: {', '.join(sorted(overrides))})" if overrides else str(e)) from None
+    model.load_state_dict(weights)
+    return model.float().eval()
+
+
+# ---- llmlab -> HF -------------------------------------------------------------------------------
+def to_hf(model: Union[Transformer, str, os.PathLike], out_dir: Union[str, os.PathLike]) -> Path:
+    """Write `model` (or the checkpoint at that path) as an HF directory (config.json +
+    model.safetensors) that AutoModelForCausalLM.from_pretrained loads with the same logits."""
+    tf = _transformers()
+    if isinstance(model, (str, os.PathLike)):
+        model = load(model)
+    arch, hf_config = config_to_hf(model.config)
+    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[arch]
+    hf_model = cls(hf_config)  # randomly initialised, then every tensor is overwritten (strict load)
+    target = {k: v.shape for k, v in hf_model.state_dict().items()}
+    src = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    hf_model.load_state_dict(_remap(src, _rows(arch, model.config.n_layer), target, to_hf=True), strict=True)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LlmlabError(f"{out} exists and is not a directory")
+    hf_model.eval().save_pretrained(str(out))  # safetensors (the only format transformers 5.x writes)
+    return out
+
+
+# ---- CLI helpers --------------------------------------------------------------------------------
+def convert_from_hf(src: Union[str, os.PathLike], out_dir: Union[str, os.PathLike]) -> Path:
+    """HF directory -> llmlab run directory `out_dir` with a `last/` checkpoint (written atomically).
+    The source's tokenizer.json (an HF fast-tokenizer file) comes along, so `llmlab sample` works."""
+    from llmlab.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+    src = Path(src)
+    model = from_hf(src)
+    tokenizer = None
+    if (src / TOKENIZER_FILE).is_file():
+        try:
+            tokenizer = load_tokenizer(src)
+        except LlmlabError:
+            tokenizer = None  # weights still convert; sampling then needs --tokenizer elsewhere
+    target = Path(out_dir) / "last"
+    save_checkpoint(target, model, tokenizer=tokenizer)
+    return target
+
+
+def convert_to_hf(run_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike]) -> Path:
+    """llmlab run/checkpoint directory -> HF directory. A BPE tokenizer (already an HF tokenizers
+    file) is written too, with tokenizer_config.json, so AutoTokenizer loads it."""
+    ckpt = resolve_checkpoint(run_dir)
+    out = to_hf(load(ckpt), out_dir)
+    if read_meta(ckpt).get("tokenizer") == "bpe" and (ckpt / "tokenizer.json").is_file():
+        try:
+            from transformers import PreTrainedTokenizerFast
+
+            from llmlab.tokenizer import EOS_TOKEN, load_tokenizer
+            tok = load_tokenizer(ckpt)
+            eos = EOS_TOKEN if tok.eos_id is not None else None
+            PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token=eos).save_pretrained(str(out))
+        except Exception:  # the weights are the product; fall back to the bare tokenizer file
+            shutil.copy(ckpt / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+__all__ = ["from_hf", "to_hf", "config_from_hf", "config_to_hf", "convert_from_hf", "convert_to_hf"]
