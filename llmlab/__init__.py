@@ -6,16 +6,11 @@ Stable API: `Transformer` / `ModelConfig`, `preset_config(name, **sizes)`, `load
 from llmlab.checkpoint import load
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
+from llmlab.generation import generate, stream
 from llmlab.model import GPT, Transformer
 from llmlab.presets import PRESETS, preset_config
 
 __version__ = "0.1.0"
-
-
-def generate(*args, **kwargs):
-    from llmlab.generate import generate as _generate
-
-    return _generate(*args, **kwargs)
 
 
 def from_hf(path_or_model, **overrides):
@@ -33,4 +28,4 @@ def to_hf(model, out_dir):
 
 
 __all__ = ["Transformer", "GPT", "ModelConfig", "LlmlabError", "PRESETS", "preset_config", "load",
-           "generate", "from_hf", "to_hf"]
+           "generate", "stream", "from_hf", "to_hf"]

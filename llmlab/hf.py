@@ -48,7 +48,8 @@ def _transformers():
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # ---- configs ------------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def config_to_hf(cfg: ModelConfig):
                 vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_size,
                 num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
                 max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-                rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+                rope_theta=float(cfg.rope_theta),  # 5.x folds it into rope_parameters, 4.x keeps it
                 attention_dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, **no_ids)
             if cfg.head_size * cfg.n_head != cfg.n_embd:
                 common["head_dim"] = cfg.head_size
@@ -242,9 +243,10 @@ def _load_hf_dir(path: Path):
         raise LlmlabError(f"{path} has no model.safetensors; llmlab never unpickles .bin weights "
                           "(convert them to safetensors first)")
     try:
+        dtype_kw = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.x
         model, info = tf.AutoModelForCausalLM.from_pretrained(
-            str(path), config=hf_config, dtype=torch.float32, use_safetensors=True,
-            local_files_only=True, output_loading_info=True)
+            str(path), config=hf_config, use_safetensors=True, local_files_only=True,
+            output_loading_info=True, **{dtype_kw: torch.float32})
     except Exception as e:
         raise LlmlabError(f"cannot load the Hugging Face model in {path} ({_one_line(e)})") from None
     bad = sorted(set(info.get("missing_keys", ())) | {m[0] for m in info.get("mismatched_keys", ())})
@@ -262,6 +264,8 @@ def from_hf(path_or_model: Union[str, os.PathLike, Any], **overrides: Any) -> Tr
         hf_model = path_or_model
         if not (hasattr(hf_model, "config") and hasattr(hf_model, "state_dict")):
             raise LlmlabError(f"from_hf needs a directory or a transformers model, got {type(hf_model).__name__}")
+        if hasattr(hf_model, "get_output_embeddings") and hf_model.get_output_embeddings() is None:
+            raise LlmlabError(f"from_hf needs a *ForCausalLM model (with its LM head), got {type(hf_model).__name__}")
     config = config_from_hf(hf_model.config).replace(**overrides)
     model = Transformer(config)
     src = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}

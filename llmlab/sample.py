@@ -6,7 +6,7 @@ from typing import Iterator, Optional
 import torch
 
 from llmlab.errors import LlmlabError
-from llmlab.generate import stream
+from llmlab.generation import stream
 
 
 def encode_prompt(tokenizer, prompt: Optional[str]) -> list[int]:
