@@ -27,7 +27,7 @@ def _train_parser(sub) -> None:
         p.add_argument(flag, type=int)
     for flag in ("--lr", "--min-lr", "--dropout", "--weight-decay", "--grad-clip"):
         p.add_argument(flag, type=float)
-    p.add_argument("--out", help="run directory (default runs/default)")
+    p.add_argument("--out", help="run directory (default: a new runs/PRESET-DATE-TIME)")
     p.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -34,8 +34,19 @@ register("basic", "nanoGPT-style GPT: learned positions, hand-written attention 
          **GPT, attn_backend="manual", use_cache=False)
 register("flash", "basic on torch scaled_dot_product_attention (fused/flash kernels)",
          **GPT, attn_backend="sdpa", use_cache=False)
-register("kv_cache", "flash + a static KV cache: prefill once, then decode one token per step",
-         **GPT, attn_backend="sdpa", use_cache=True)
+CACHED = dict(GPT, attn_backend="sdpa", use_cache=True)
+register("kv_cache", "flash + a static KV cache: prefill once, then decode one token per step", **CACHED)
+register("mqa", "kv_cache with multi-query attention: all query heads share 1 key/value head",
+         **CACHED | dict(n_kv_head=1))
+register("gqa", "kv_cache with grouped-query attention: 2 key/value heads shared by groups of query heads",
+         **CACHED | dict(n_kv_head=2))
+register("sinusoidal", "kv_cache with fixed sinusoidal positions (Vaswani et al. 2017): no parameters, any length",
+         **CACHED | dict(position="sinusoidal"))
+register("rope", "kv_cache with rotary positions (RoFormer): q and k rotated, relative by construction",
+         **CACHED | dict(position="rope"))
+register("llama", "Llama architecture: RMSNorm, SwiGLU, RoPE, GQA, no biases, untied head",
+         **CACHED | dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
+                         tie_embeddings=False))
 
 
 def preset_config(name: str, **overrides: Any) -> ModelConfig:

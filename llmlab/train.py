@@ -51,7 +51,7 @@ class TrainArgs:
     grad_clip: float = 1.0
     eval_interval: int = 100
     eval_iters: int = 20
-    out: str = "runs/default"
+    out: Optional[str] = None  # None: runs/<preset>-<date>-<time>, a new directory each run
     device: str = "auto"
     compile: bool = False
     resume: bool = False
@@ -179,6 +179,10 @@ def estimate_loss(model, samplers: dict[str, BatchSampler], iters: int, autocast
 def train(a: TrainArgs) -> dict[str, Any]:
     """Run (or resume) training; returns a summary. Raises LlmlabError on bad input."""
     a.validate()
+    if a.out is None:
+        if a.resume:
+            raise LlmlabError("--resume needs --out RUN_DIR: the run to continue")
+        a.out = time.strftime(f"runs/{a.preset}-%Y%m%d-%H%M%S")
     out = Path(a.out)
     if a.resume and not (out / "last").exists():
         raise LlmlabError(f"--resume: {out} has no last checkpoint to resume; drop --resume to start a new run")
