@@ -155,8 +155,13 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_convert(ns: argparse.Namespace) -> int:
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise LlmlabError("llmlab convert needs Hugging Face transformers: pip install -e '.[hf]'") from None
     from llmlab import hf
 
+    hf_logging.disable_progress_bar()  # one line of output per conversion, not per-tensor bars
     if ns.from_hf and ns.out and not ns.to_hf and not ns.run_dir:
         hf.convert_from_hf(ns.from_hf, ns.out)
         print(f"converted {ns.from_hf} -> {ns.out}")

@@ -7,6 +7,7 @@ RoPE / sinusoidal / no-position models just keep going: their tables grow.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -77,7 +78,8 @@ def stream(model, prompts: Prompts, max_new_tokens: int, temperature: float = 1.
     device = model.tok_emb.weight.device
     idx, pad = _left_pad(prompts, device)
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.seed())
+    # no seed: fresh entropy, without reseeding torch's global RNG as torch.seed() would
+    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     stops = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
     steps = _cached_logits(model, idx, pad, max_new_tokens) if use_cache else \
         _recomputed_logits(model, idx, pad)

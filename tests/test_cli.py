@@ -159,3 +159,29 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: unknown preset")
+
+
+def test_convert_both_ways_keeps_logits(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import llmlab
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    code, out, _ = run_cli(capsys, "convert", "--from-hf", tmp_path / "hf", "--out", tmp_path / "run")
+    assert code == 0 and "converted" in out
+    code, out, _ = run_cli(capsys, "convert", tmp_path / "run", "--to-hf", tmp_path / "back")
+    assert code == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    idx = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        assert (llmlab.load(tmp_path / "run")(idx) - ref).abs().max() <= 1e-4
+        assert (back(idx).logits - ref).abs().max() <= 1e-4
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "convert", tmp_path / "run")
+    assert_clear_error(code, err, "--to-hf")
