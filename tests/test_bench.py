@@ -1,0 +1,107 @@
+"""Smoke tests of the benchmarks: they run end to end at tiny sizes and end with a JSON line.
+No timing is asserted (the numbers depend on the machine and its load)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmlab import bench, cli
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+TINY = ["--prompt-len", "4", "--new-tokens", "3", "--contexts", "8,16", "--repeats", "1", "--decode-steps", "2"]
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def last_json(text: str) -> dict:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+def test_decode_bench_end_to_end(capsys):
+    pytest.importorskip("transformers")
+    assert bench.main(TINY) == 0
+    out = capsys.readouterr().out
+    summary = last_json(out)
+    for key in ("hf_tokens_per_s", "llmlab_cached_tokens_per_s", "llmlab_uncached_tokens_per_s", "ratio",
+                "contexts", "cache_bytes_per_token"):
+        assert key in summary, key
+    assert [c["context"] for c in summary["contexts"]] == [8, 16]
+    for name in ("Table 1", "Table 2", "Table 3"):
+        assert name in out
+    if summary["weights_shared"]:  # llmlab.from_hf works: the greedy tokens must equal HF's
+        assert summary["tokens_match"] is True
+        assert "tokens match: yes" in out
+
+
+def test_decode_bench_via_cli_without_hf(capsys):
+    assert cli.main(["bench", "decode", "--no-hf", *TINY]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["hf_tokens_per_s"] is None and summary["llmlab_cached_tokens_per_s"] > 0
+
+
+def test_decode_bench_llama_shape_runs_or_skips(capsys):
+    assert bench.main(["--shape", "llama", "--no-hf", *TINY]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["shape"] == "llama"
+
+
+def test_decode_bench_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "decode", "--help"])
+    assert e.value.code == 0
+    assert "--shape" in capsys.readouterr().out
+
+
+def test_cache_bytes_per_token_equals_formula_for_mha_presets():
+    rows = bench.cache_bytes_rows()
+    mha = [r for r in rows if r.get("attention") == "mha"]
+    assert mha, rows
+    for r in mha:
+        assert r["measured"] == r["formula"] == 2 * r["n_layer"] * r["kv_heads"] * r["head_dim"] * 4, r
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"tiny Shakespeare not found at {SHAKESPEARE}")
+def test_train_benchmark_script_prints_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "cache"))  # never touch the real token cache
+    script = load_script("train_shakespeare_char")  # in-process: torch is imported once for the file
+    rc = script.main(["--data", str(SHAKESPEARE), "--max-iters", "20", "--eval-interval", "20",
+                      "--threads", "1", "--no-full-val"])
+    assert rc == 0
+    summary = last_json(capsys.readouterr().out)
+    assert set(summary) == {"val_loss", "tokens_per_s", "iters"}
+    assert summary["iters"] == 20 and summary["tokens_per_s"] > 0 and summary["val_loss"] > 0
+
+
+def test_decode_script_wrapper(capsys):
+    assert load_script("decode").main(["--no-hf", *TINY]) == 0
+    assert "llmlab_cached_tokens_per_s" in last_json(capsys.readouterr().out)
+
+
+def test_train_benchmark_missing_data(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "train_shakespeare_char.py"), "--data", str(tmp_path / "nope.txt")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 2
+    assert "not found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
