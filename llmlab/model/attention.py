@@ -21,8 +21,8 @@ def causal_mask(t: int, s: int, device) -> torch.Tensor:
 
 
 def manual_attention(q, k, v, mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
-    """q: (B, H, T, hd); k, v: (B, Hkv, S, hd) with H a multiple of Hkv; mask: bool broadcastable to
-    (B, H, T, S) or None for plain causal. Query heads are grouped onto their shared k/v head by a
+    """q: (B, H, T, hd); k, v: (B, Hkv, S, hd) with H a multiple of Hkv; mask: additive (0 / -inf)
+    or boolean (True = attend), broadcastable to (B, H, T, S), or None for plain causal. Query heads are grouped onto their shared k/v head by a
     reshape + broadcast, so the shared heads are never copied."""
     b, h, t, hd = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -32,7 +32,7 @@ def manual_attention(q, k, v, mask: Optional[torch.Tensor], dropout_p: float) ->
         mask = causal_mask(t, s, q.device)
     elif mask.dim() == 4:  # (B|1, 1, T, S) -> (B|1, 1, 1, T, S)
         mask = mask.unsqueeze(2)
-    att = att.masked_fill(~mask, float("-inf"))
+    att = att.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else att + mask
     att = F.softmax(att, dim=-1)
     if dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)

@@ -56,13 +56,15 @@ class InferenceCache(nn.Module):
         """(B, T) position ids of the tokens written at slots input_pos."""
         return (input_pos[None, :] - self.pad[:batch, None]).clamp_min(0)
 
-    def mask(self, input_pos: torch.Tensor, batch: int) -> torch.Tensor:
-        """(B, 1, T, S) boolean: True where query slot input_pos[t] may attend to slot s."""
+    def mask(self, input_pos: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, T, S) additive mask: 0 where query slot input_pos[t] may attend to slot s, else
+        -inf. Built once per forward in the compute dtype, so no layer converts a boolean mask."""
         q = input_pos[:, None]  # (T, 1)
         s = self.slots[None, :]  # (1, S)
-        causal = s <= q  # (T, S)
         real = s[None] >= self.pad[:batch, None, None]  # (B, 1, S)
-        return ((causal[None] & real) | (s == q)[None]).unsqueeze(1)
+        allowed = ((s <= q)[None] & real) | (s == q)[None]
+        blocked = torch.full((), float("-inf"), dtype=dtype, device=allowed.device)
+        return torch.where(allowed, 0.0, blocked).to(dtype).unsqueeze(1)
 
     def bytes_per_token(self) -> int:
         """Bytes the cache holds per token of one sequence, measured from the allocated buffers."""

@@ -103,7 +103,7 @@ class Transformer(nn.Module):
             if isinstance(input_pos, int) or input_pos is None:
                 input_pos = torch.arange(input_pos or 0, (input_pos or 0) + t, device=idx.device)
             pos = cache.positions(input_pos, b)
-            mask = cache.mask(input_pos, b)
+            mask = cache.mask(input_pos, b, self.tok_emb.weight.dtype)
         x = self.drop(self.pos.embed(self.tok_emb(idx), pos))
         rotary = self.pos.rotary(pos)
         for i, block in enumerate(self.blocks):
