@@ -90,6 +90,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
     values = _read_toml(ns.config) if getattr(ns, "config", None) else {}
     values.update(given)
+    if values.get("resume") and values.get("out"):
+        # continue with the run's own settings (data, tokenizer, schedule...); flags given now win
+        from llmlab.checkpoint import read_meta
+
+        last = Path(values["out"]) / "last"
+        if (last / "config.json").is_file():
+            values = {**read_meta(last).get("train", {}), **values}
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -185,3 +185,15 @@ def test_convert_both_ways_keeps_logits(capsys, tmp_path):
     capsys.readouterr()
     code, _, err = run_cli(capsys, "convert", tmp_path / "run")
     assert_clear_error(code, err, "--to-hf")
+
+
+def test_resume_keeps_the_runs_own_settings(capsys, tmp_path, shakespeare_path):
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--tokenizer", "char", "--data", str(shakespeare_path), "--max-iters", "6",
+                 "--eval-interval", "3", "--out", str(out)]) == 0
+    capsys.readouterr()
+    code, out_text, _ = run_cli(capsys, "train", "--out", out, "--resume", "--max-iters", "9")
+    assert code == 0 and "trained to step 9" in out_text
+    meta = json.loads((out / "last" / "config.json").read_text())
+    assert meta["tokenizer"] == "char" and meta["train"]["data"] == str(shakespeare_path)
+    assert meta["model"]["n_embd"] == 16 and meta["state"]["step"] == 9
