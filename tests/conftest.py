@@ -8,6 +8,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(),
+                                       reason=f"tiny Shakespeare not found at {SHAKESPEARE} (shared data beside the repo)")
 
 
 @pytest.fixture(autouse=True)

@@ -26,10 +26,7 @@ from llmlab.data import (
 from llmlab.errors import LlmlabError
 from llmlab.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare.txt"
-needs_shakespeare = pytest.mark.skipif(
-    not SHAKESPEARE.is_file(), reason=f"tiny Shakespeare not found at {SHAKESPEARE}"
-)
+from conftest import SHAKESPEARE, needs_shakespeare
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -18,10 +17,7 @@ from llmlab.tokenizer import (
     load_tokenizer,
 )
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare.txt"
-needs_shakespeare = pytest.mark.skipif(
-    not SHAKESPEARE.is_file(), reason=f"tiny Shakespeare not found at {SHAKESPEARE}"
-)
+from conftest import SHAKESPEARE, needs_shakespeare
 
 # A small mixed corpus: prose, code, whitespace runs, non-Latin scripts, emoji.
 MIXED = (
