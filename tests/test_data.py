@@ -167,6 +167,7 @@ def test_encode_corpus_caches(kind, stdlib_text, tmp_path):
 def test_encode_corpus_default_cache_and_key(tmp_path):
     tok = CharTokenizer("abc\n")
     ids = encode_corpus("abc\ncab\n", tok)
+    assert tok.decode(ids.tolist()) == "abc\ncab\n"
     assert list((cache_dir() / "tokens").iterdir())  # default location under $LLMLAB_CACHE
     encode_corpus("abc\ncab\n", CharTokenizer("abcd\n"))  # another tokenizer: another key
     encode_corpus("abc\ncab\nabc\n", tok)  # another text: another key
