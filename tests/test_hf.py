@@ -243,13 +243,6 @@ def test_round_trip_state_dict_identical(tmp_path, config):
 
 
 # ---- greedy generation ----------------------------------------------------------------------------
-def greedy(model, idx, n):
-    with torch.no_grad():
-        for _ in range(n):
-            idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return idx
-
-
 def hf_greedy(hf, idx, n):
     with torch.no_grad():
         return hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n,
@@ -257,24 +250,15 @@ def hf_greedy(hf, idx, n):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama-gqa"])
-def test_greedy_generation_matches_hf(arch):
-    hf = hf_gpt2(seed=3) if arch == "gpt2" else hf_llama(kv=2, seed=3)
-    m = from_hf(hf)
-    prompt = ids(8, b=1, t=8)
-    ref = hf_greedy(hf, prompt, 32)
-    assert ref.shape == (1, 40)
-    assert torch.equal(greedy(m, prompt, 32), ref)
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa"])
-def test_llmlab_generate_greedy_matches_hf(arch):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_llmlab_generate_greedy_matches_hf(arch, use_cache):
     from llmlab import generate
+
     hf = hf_gpt2(seed=4) if arch == "gpt2" else hf_llama(kv=2, seed=4)
-    m = from_hf(hf)
     prompt = ids(9, b=1, t=8)
     ref = hf_greedy(hf, prompt, 32)
-    out = generate(m, prompt, 32, temperature=0)
-    assert torch.equal(out, ref)
+    assert ref.shape == (1, 40)
+    assert torch.equal(generate(from_hf(hf), prompt, 32, temperature=0, use_cache=use_cache), ref)
 
 
 # ---- errors ---------------------------------------------------------------------------------------
