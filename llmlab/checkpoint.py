@@ -114,17 +114,22 @@ def load(path: Path | str, device: Optional[str] = None, **overrides: Any) -> Tr
     meta = read_meta(directory)
     config = ModelConfig.from_dict(meta["model"]).replace(**overrides)
     model = Transformer(config)
+    load_weights(model, directory)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_weights(model: Transformer, directory: Path) -> None:
+    """Fill `model` from directory/model.safetensors; a bad file is one clear LlmlabError."""
     try:
-        missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
+        missing, unexpected = load_model(model, str(Path(directory) / MODEL_FILE), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise LlmlabError(f"checkpoint {directory / MODEL_FILE} is truncated or corrupt "
+        raise LlmlabError(f"checkpoint {Path(directory) / MODEL_FILE} is truncated or corrupt "
                           f"({str(e).splitlines()[0]}); restore it or retrain") from None
     if missing or unexpected:
         raise LlmlabError(f"checkpoint {directory} does not match its config "
                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    if device is not None:
-        model.to(device)
-    return model.eval()
 
 
 def load_train_state(directory: Path) -> dict[str, torch.Tensor]:

@@ -143,7 +143,7 @@ def prepare(a: TrainArgs, out: Path):
     """Tokenizer, train/val ids and model config: fresh, or taken from the run being resumed."""
     if a.resume:
         last = out / "last"
-        meta = ckpt.read_meta(ckpt.resolve_checkpoint(last if last.exists() else out))
+        meta = ckpt.read_meta(last)
         tokenizer = load_tokenizer(last)
         config = ckpt.ModelConfig.from_dict(meta["model"])
     else:
@@ -307,10 +307,8 @@ def _save(out, model, opt, sampler, tokenizer, train_args, step, val_loss, best_
 
 
 def _restore(last: Path, model, opt, sampler: BatchSampler) -> tuple[int, float]:
-    from safetensors.torch import load_model
-
     meta = ckpt.read_meta(last)
-    load_model(model, str(last / ckpt.MODEL_FILE))
+    ckpt.load_weights(model, last)
     tensors = ckpt.load_train_state(last)
     ckpt.optimizer_from_flat(opt, tensors, meta["state"]["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])

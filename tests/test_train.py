@@ -133,3 +133,5 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(LlmlabError, match="truncated or corrupt"):
         llmlab.load(run / "last")
+    with pytest.raises(LlmlabError, match="truncated or corrupt"):  # resuming it, too
+        train(args(run, max_iters=10, eval_interval=5, resume=True))
