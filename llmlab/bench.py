@@ -12,7 +12,7 @@ import json
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,6 +23,8 @@ SHAPES = ("gpt2", "llama")
 N_LAYER, N_EMBD, N_HEAD, VOCAB = 4, 256, 8, 512
 LLAMA_KV_HEADS, LLAMA_FFN = 2, 688
 DECODE_STEPS = 64  # cached decode steps timed per context length
+HF_RUN, CACHED_RUN = "HF generate (DynamicCache)", "llmlab generate, cache"
+COMPILED_RUN, UNCACHED_RUN = "llmlab generate, cache + compile", "llmlab generate, no cache"
 UNCACHED_STEPS = 4  # full-recompute steps timed per context length (each costs a whole forward)
 
 
@@ -37,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
     p.add_argument("--decode-steps", type=int, default=DECODE_STEPS,
                    help=f"cached decode steps timed per context (default {DECODE_STEPS})")
-    p.add_argument("--compile", action="store_true",
-                   help="also time a torch.compile'd decode step (static shapes; compile time shown apart)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the generate(compile=True) runs (each new cache size compiles for ~10-20 s)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison (table 1 llmlab only)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for every run, HF's included (default 1: batch-1 decode of this model "
@@ -115,10 +117,6 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-class Timed(float):
-    """Returned by a run that times only part of itself (e.g. decode after an untimed prefill)."""
-
-
 def interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1):
     """Run each callable `warmup` + `repeats` times, round-robin; return ({name: [seconds]}, {name: last output})."""
     times = {k: [] for k in runs}
@@ -126,8 +124,6 @@ def interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 
     for r in range(warmup + repeats):
         for name, fn in runs.items():
             dt, outs[name] = _timed(fn)
-            if isinstance(outs[name], Timed):
-                dt = float(outs[name])
             if r >= warmup:
                 times[name].append(dt)
     return times, outs
@@ -148,67 +144,6 @@ def _threads(n: int):
         torch.set_num_threads(old)
 
 
-# ---- decode loops -------------------------------------------------------------------------------------
-class Decoder:
-    """Greedy decode driven step by step on one preallocated cache, optionally through a compiled
-    step function. The cache is reused across runs: slots past the current position are masked,
-    so stale entries from an earlier run are never read."""
-
-    def __init__(self, model, max_len: int, compiled: bool = False):
-        self.model = model
-        self.max_len = max_len
-        self.cache = model.new_cache(1, max_len)
-        self.pos = torch.zeros(1, dtype=torch.long)  # the decode step's slot: a fixed 1-element tensor
-        self.tok = torch.zeros(1, 1, dtype=torch.long)
-        self.step_fn = self._step
-        self.compiled = compiled
-        self.warm = False
-        if compiled:
-            # Static shapes (the cache is preallocated, tok and pos are fixed tensors written in
-            # place), so one graph serves every step. freezing: weights become constants that
-            # inductor prepacks for its CPU matmuls; cpp_wrapper: the graph is called from C++, not
-            # through a Python wrapper. Both only cut per-step overhead; the math is unchanged.
-            self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False,
-                                         options={"freezing": True, "cpp_wrapper": True})
-
-    def _step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model(tok, self.cache, pos)[:, -1].argmax(dim=-1)
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        t = ids.shape[1]
-        return self.model(ids, self.cache, torch.arange(t))[:, -1].argmax(dim=-1)
-
-    def decode(self, first: torch.Tensor, start: int, steps: int) -> torch.Tensor:
-        """`steps` tokens, the first fed at slot `start`; returns the tokens produced (steps,)."""
-        out = torch.empty(steps, dtype=torch.long)
-        nxt = first
-        # Once compiled, guards need not be re-checked every token: the inputs are the same tensors
-        # each time (guard evaluation costs ~0.1-0.3 ms/token here). "Unsafe" only if a step could
-        # need another graph; the tables check the compiled tokens against the eager ones.
-        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) \
-            if self.compiled and self.warm else nullcontext()
-        with stance:
-            for i in range(steps):
-                self.tok.copy_(nxt.view(1, 1))
-                self.pos.fill_(start + i)
-                nxt = self.step_fn(self.tok, self.pos)
-                out[i] = nxt[0]
-        return out
-
-    def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        first = self.prefill(prompt)
-        if new_tokens <= 1:
-            return first[:new_tokens]
-        return torch.cat([first, self.decode(first, prompt.shape[1], new_tokens - 1)])
-
-    def warm_compile(self, start: int) -> float:
-        """First calls of the compiled step (compilation); returns their seconds."""
-        t0 = time.perf_counter()
-        self.decode(torch.zeros(1, dtype=torch.long), start, 3)
-        self.warm = True
-        return time.perf_counter() - t0
-
-
 # ---- tables ---------------------------------------------------------------------------------------------
 def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
@@ -224,7 +159,7 @@ def _fmt(x: Optional[float], digits: int = 0) -> str:
     return "n/a" if x is None or x != x else f"{x:,.{digits}f}"
 
 
-def table_speed(hf, model, prompt: torch.Tensor, new_tokens: int, repeats: int, decoder_c: Optional[Decoder],
+def table_speed(hf, model, prompt: torch.Tensor, new_tokens: int, repeats: int, compile: bool,
                 weights_shared: bool) -> dict[str, Any]:
     from llmlab.generation import generate
 
@@ -232,40 +167,58 @@ def table_speed(hf, model, prompt: torch.Tensor, new_tokens: int, repeats: int, 
     runs: dict[str, Callable[[], Any]] = {}
     if hf is not None:
         mask = torch.ones_like(prompt)
-        runs["HF generate (DynamicCache)"] = lambda: hf.generate(
+        runs[HF_RUN] = lambda: hf.generate(
             prompt, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[0, -n:]
-    runs["llmlab generate, cache"] = lambda: generate(model, prompt, n, temperature=0, use_cache=True)[0, -n:]
-    runs["llmlab generate, no cache"] = lambda: generate(model, prompt, n, temperature=0, use_cache=False)[0, -n:]
-    if decoder_c is not None:
-        runs["llmlab compiled step loop"] = lambda: decoder_c.generate(prompt, n)
+    runs[CACHED_RUN] = lambda: generate(model, prompt, n, temperature=0, use_cache=True)[0, -n:]
+    compile_s = None
+    if compile:
+        runs[COMPILED_RUN] = lambda: generate(model, prompt, n, temperature=0, compile=True)[0, -n:]
+        compile_s, _ = _timed(runs[COMPILED_RUN])  # the first call compiles: timed apart
+    runs[UNCACHED_RUN] = lambda: generate(model, prompt, n, temperature=0, use_cache=False)[0, -n:]
     times, outs = interleaved(runs, repeats)
     tps = {k: n / median(v) for k, v in times.items()}
-    hf_tps = tps.get("HF generate (DynamicCache)")
-    rows = []
-    for k, v in tps.items():
-        rows.append([k, _fmt(v), _fmt(1000 * median(times[k]) / n, 2),
-                     "1.00x" if k.startswith("HF") else (f"{v / hf_tps:.2f}x" if hf_tps else "n/a")])
+    hf_tps = tps.get(HF_RUN)
+    rows = [[k, _fmt(v), _fmt(1000 * median(times[k]) / n, 2),
+             "1.00x" if k == HF_RUN else (f"{v / hf_tps:.2f}x" if hf_tps else "n/a")] for k, v in tps.items()]
     print_table(f"Table 1: greedy decode, batch 1, prompt {prompt.shape[1]}, {n} new tokens "
                 f"(median of {repeats})", ["run", "tokens/s", "ms/token", "vs HF"], rows)
-    res: dict[str, Any] = {"hf_tokens_per_s": hf_tps,
-                           "llmlab_cached_tokens_per_s": tps["llmlab generate, cache"],
-                           "llmlab_uncached_tokens_per_s": tps["llmlab generate, no cache"]}
-    if decoder_c is not None:
-        res["llmlab_compiled_tokens_per_s"] = tps["llmlab compiled step loop"]
+    if compile_s is not None:
+        print(f"compile: the first compiled generate() took {compile_s:.1f} s (torch.compile of the decode "
+              "step; inductor's on-disk cache makes later processes faster)")
+    res: dict[str, Any] = {"hf_tokens_per_s": hf_tps, "llmlab_cached_tokens_per_s": tps[CACHED_RUN],
+                           "llmlab_uncached_tokens_per_s": tps[UNCACHED_RUN]}
     if hf_tps:
-        res["ratio"] = res["llmlab_cached_tokens_per_s"] / hf_tps
-    ref = outs["llmlab generate, cache"]
-    same_uncached = torch.equal(ref, outs["llmlab generate, no cache"])
-    if hf is not None and weights_shared:
-        match = torch.equal(ref, outs["HF generate (DynamicCache)"])
-        res["tokens_match"] = match
-        print(f"tokens match: {'yes' if match else 'no'} (llmlab cached vs HF greedy, {n} tokens)")
-    elif hf is not None:
-        print("tokens match: n/a (weights differ)")
-    print(f"cached vs uncached llmlab tokens: {'same' if same_uncached else 'DIFFERENT'}")
-    if decoder_c is not None:
-        print(f"compiled step loop tokens: {'same' if torch.equal(ref, outs['llmlab compiled step loop']) else 'DIFFERENT'}")
+        res["ratio"] = tps[CACHED_RUN] / hf_tps
+    if compile:
+        res["llmlab_compiled_tokens_per_s"] = tps[COMPILED_RUN]
+        res["compile_s"] = compile_s
+        if hf_tps:
+            res["compiled_ratio"] = tps[COMPILED_RUN] / hf_tps
+    checks = {HF_RUN: "tokens_match", COMPILED_RUN: "compiled_tokens_same", UNCACHED_RUN: "uncached_tokens_same"}
+    for name, key in checks.items():
+        if name not in outs:
+            continue
+        if name == HF_RUN and not weights_shared:
+            print("tokens vs HF: n/a (weights differ)")
+            continue
+        res[key] = torch.equal(outs[CACHED_RUN], outs[name])
+        print(f"{name} tokens equal llmlab's cached greedy tokens: {'yes' if res[key] else 'NO'}")
     return res
+
+
+def _stream_timed(model, ids: torch.Tensor, steps: int, **kw) -> tuple[float, float, torch.Tensor]:
+    """Greedy llmlab.stream over ids: (seconds to the first token = prefill, seconds for the next
+    `steps` tokens = decode, those tokens)."""
+    from llmlab.generation import stream
+
+    it = stream(model, ids, steps + 1, temperature=0, **kw)
+    t0 = time.perf_counter()
+    next(it)
+    t1 = time.perf_counter()
+    toks = torch.cat([next(it) for _ in range(steps)])
+    t2 = time.perf_counter()
+    it.close()
+    return t1 - t0, t2 - t1, toks
 
 
 def table_contexts(model, contexts: list[int], decode_steps: int, repeats: int, compile: bool,
@@ -273,70 +226,37 @@ def table_contexts(model, contexts: list[int], decode_steps: int, repeats: int, 
     gen = torch.Generator().manual_seed(seed + 1)
     results, rows = [], []
     for c in contexts:
-        dec = Decoder(model, c + decode_steps)  # sized as generate() sizes its cache: prompt + new tokens
-        decoder_c, compile_s = make_compiled(model, c + decode_steps) if compile else (None, None)
-        ids = torch.randint(0, model.config.vocab_size, (1, c + decode_steps), generator=gen)
-        ctx = ids[:, :c]
-        first = ids[0, c:c + 1]
-
-        def uncached():  # each step recomputes the whole sequence so far (no cache at all)
-            for i in range(UNCACHED_STEPS):
-                model(ids[:, : c + i + 1])[:, -1].argmax(-1)
-
-        runs: dict[str, Callable[[], Any]] = {
-            "prefill": lambda: dec.prefill(ctx),
-            "decode": lambda: dec.decode(first, c, decode_steps),
-            "uncached": uncached,
-        }
-        if decoder_c is not None:
-            def compiled():
-                decoder_c.prefill(ctx)  # eager, untimed
-                return Timed(_timed(lambda: decoder_c.decode(first, c, decode_steps))[0])
-
-            runs["compiled"] = compiled
-            runs["eager decode tokens"] = lambda: dec.decode(first, c, decode_steps)  # untimed check below
-            runs["compiled decode tokens"] = lambda: decoder_c.decode(first, c, decode_steps)
-        times, outs = interleaved(runs, repeats)
-        r = {"context": c, "prefill_tokens_per_s": c / median(times["prefill"]),
-             "decode_tokens_per_s": decode_steps / median(times["decode"]),
-             "uncached_tokens_per_s": UNCACHED_STEPS / median(times["uncached"])}
-        if decoder_c is not None:
-            r["compiled_decode_tokens_per_s"] = decode_steps / median(times["compiled"])
-            r["compile_s"] = compile_s
-            r["compiled_tokens_same"] = torch.equal(outs["eager decode tokens"], outs["compiled decode tokens"])
-        results.append(r)
-        row = [c, _fmt(r["prefill_tokens_per_s"]), _fmt(r["decode_tokens_per_s"]),
-               _fmt(r["uncached_tokens_per_s"], 1), f"{r['decode_tokens_per_s'] / r['uncached_tokens_per_s']:.1f}x"]
+        ids = torch.randint(0, model.config.vocab_size, (1, c), generator=gen)
+        variants = {"cache": dict(use_cache=True, compile=False), "no cache": dict(use_cache=False)}
         if compile:
-            if decoder_c is None:
-                row += ["failed", "-", "-"]
-            else:
-                row += [_fmt(r["compiled_decode_tokens_per_s"]), f"{compile_s:.1f}",
-                        "yes" if r["compiled_tokens_same"] else "NO"]
+            variants["compiled"] = dict(use_cache=True, compile=True)
+        steps = {"cache": decode_steps, "no cache": UNCACHED_STEPS, "compiled": decode_steps}
+        compile_s = _timed(lambda: _stream_timed(model, ids, 2, **variants["compiled"]))[0] if compile else None
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+        toks: dict[str, torch.Tensor] = {}
+        for r in range(1 + repeats):  # round-robin, first round is warm-up
+            for name, kw in variants.items():
+                pre, dec, toks[name] = _stream_timed(model, ids, steps[name], **kw)
+                if r:
+                    times[name].append((pre, dec))
+        tps = {k: steps[k] / median([d for _, d in v]) for k, v in times.items()}
+        r = {"context": c, "prefill_tokens_per_s": c / median([p for p, _ in times["cache"]]),
+             "decode_tokens_per_s": tps["cache"], "uncached_tokens_per_s": tps["no cache"]}
+        row = [c, _fmt(r["prefill_tokens_per_s"]), _fmt(tps["cache"]), _fmt(tps["no cache"], 1),
+               f"{tps['cache'] / tps['no cache']:.1f}x"]
+        if compile:
+            r.update(compiled_decode_tokens_per_s=tps["compiled"], compile_s=compile_s,
+                     compiled_tokens_same=torch.equal(toks["compiled"], toks["cache"]))
+            row += [_fmt(tps["compiled"]), f"{compile_s:.1f}", "yes" if r["compiled_tokens_same"] else "NO"]
+        results.append(r)
         rows.append(row)
     header = ["context", "prefill tok/s", "decode tok/s (cache)", "decode tok/s (no cache)", "cache speedup"]
     if compile:
-        header += ["decode tok/s (compiled)", "compile s", "same tokens"]
-    print_table(f"Table 2: prefill and decode at context C, batch 1 (decode: {decode_steps} cached steps "
-                f"or {UNCACHED_STEPS} full recomputes from C; median of {repeats}; a cache of C+{decode_steps} "
-                f"slots)", header, rows)
+        header += ["decode tok/s (compiled)", "first call s", "same tokens"]
+    print_table(f"Table 2: prefill and decode after a context of C tokens, batch 1, through llmlab.stream "
+                f"(decode: {decode_steps} cached steps or {UNCACHED_STEPS} full recomputes; median of "
+                f"{repeats}; 'first call': compile of a new cache size)", header, rows)
     return results
-
-
-def make_compiled(model, max_len: int) -> tuple[Optional[Decoder], Optional[float]]:
-    """A compiled Decoder for `max_len` slots, warmed up (compiled); (None, None) if compiling fails."""
-    try:
-        import torch._dynamo.config as dynamo_config
-
-        for name in ("recompile_limit", "cache_size_limit"):  # one graph per cache size: allow many sizes
-            if hasattr(dynamo_config, name):
-                setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
-        dec = Decoder(model, max_len, compiled=True)
-        return dec, dec.warm_compile(0)
-    except Exception as e:  # noqa: BLE001 - report and go on without it
-        print(f"note: torch.compile of the decode step failed ({type(e).__name__}: "
-              f"{' '.join(str(e).split())[:200]}); compiled runs skipped")
-        return None, None
 
 
 def cache_bytes_rows(extra: Optional[tuple[str, Any]] = None, max_len: int = 64) -> list[dict[str, Any]]:
@@ -420,39 +340,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps({"shape": ns.shape, "skipped": note}))
             return 0
 
-        decoder_c, compile_s = None, None
-        if ns.compile:  # cache sized as generate() sizes it: prompt + new tokens
-            decoder_c, compile_s = make_compiled(model, ns.prompt_len + ns.new_tokens)
-            if decoder_c is not None:
-                print(f"torch.compile of the decode step ({ns.prompt_len + ns.new_tokens}-slot cache): "
-                      f"{compile_s:.1f} s (first calls; inductor's on-disk cache makes reruns faster)")
-
         gen = torch.Generator().manual_seed(ns.seed)
         prompt = torch.randint(0, VOCAB, (1, ns.prompt_len), generator=gen)
-        speed = table_speed(hf, model, prompt, ns.new_tokens, ns.repeats, decoder_c, shared)
+        speed = table_speed(hf, model, prompt, ns.new_tokens, ns.repeats, ns.compile, shared)
         ctx = table_contexts(model, contexts, ns.decode_steps, ns.repeats, ns.compile, ns.seed)
-        if ns.compile:
-            graphs = _compiled_graphs()
-            if graphs is not None:
-                print(f"compiled step: {graphs} graph(s) compiled for {1 + len(contexts)} cache sizes "
-                      "(one per size: no recompilation per token)")
         entries = table_cache_bytes((f"bench model ({ns.shape})", model))
 
     summary = {"shape": ns.shape, "weights_shared": shared, **speed,
                "contexts": [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in ctx],
                "cache_bytes_per_token": {e["name"]: e.get("measured") for e in entries if "skipped" not in e}}
-    if compile_s is not None:
-        summary["compile_s"] = compile_s
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
     return 0
-
-
-def _compiled_graphs() -> Optional[int]:
-    try:
-        from torch._dynamo.utils import counters
-        return int(counters["stats"]["unique_graphs"])
-    except Exception:  # noqa: BLE001 - a private counter: report nothing if it moved
-        return None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from llmlab.compiled import CompiledDecodeStep
 from llmlab.errors import LlmlabError
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]]]
@@ -69,19 +70,24 @@ def _left_pad(prompts: Prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def stream(model, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-           stop_tokens: Sequence[int] = (), use_cache: Optional[bool] = None) -> Iterator[torch.Tensor]:
+           stop_tokens: Sequence[int] = (), use_cache: Optional[bool] = None,
+           compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield each step's new tokens (B,). Rows that produced a stop token keep repeating it; the
-    stream ends when every row has stopped or after max_new_tokens steps."""
+    stream ends when every row has stopped or after max_new_tokens steps. compile=True runs the
+    cached one-token step through torch.compile (llmlab.compiled): the first call compiles
+    (seconds), later steps and generations of the same shapes are several times faster."""
     _check_args(temperature, top_k, top_p, max_new_tokens)
     if use_cache is None:  # the rung decides: basic/flash recompute (as nanoGPT), later rungs cache
-        use_cache = model.config.use_cache
+        use_cache = compile or model.config.use_cache
+    if compile and not use_cache:
+        raise LlmlabError("compile=True compiles the cached decode step; it cannot go with use_cache=False")
     device = model.tok_emb.weight.device
     idx, pad = _left_pad(prompts, device)
     gen = torch.Generator(device=device)
     # no seed: fresh entropy, without reseeding torch's global RNG as torch.seed() would
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     stops = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
-    steps = _cached_logits(model, idx, pad, max_new_tokens) if use_cache else \
+    steps = _cached_logits(model, idx, pad, max_new_tokens, compile) if use_cache else \
         _recomputed_logits(model, idx, pad)
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
     was_training = model.training
@@ -102,13 +108,14 @@ def stream(model, prompts: Prompts, max_new_tokens: int, temperature: float = 1.
         model.train(was_training)
 
 
-def _cached_logits(model, idx, pad, max_new_tokens):
+def _cached_logits(model, idx, pad, max_new_tokens, compile: bool = False):
     """Coroutine: yields last-position logits (B, V); is sent each new token (B,)."""
     b, t0 = idx.shape
     window = model.pos.max_positions  # None: positions never run out
     total = t0 + max_new_tokens
     max_len = total if window is None else min(total, window)
     cache = model.new_cache(b, max_len)
+    step = CompiledDecodeStep(model, cache) if compile else None
     tokens = torch.empty(b, total, dtype=torch.long, device=idx.device)
     tokens[:, :t0] = idx
     slots = torch.arange(max_len, device=idx.device)  # sliced per step: no allocation
@@ -125,7 +132,9 @@ def _cached_logits(model, idx, pad, max_new_tokens):
         nxt = yield logits
         tokens[:, n] = nxt
         n += 1
-        if n <= max_len:  # room left: one-token decode step at slot n-1
+        if n <= max_len and step is not None:  # room left: one-token decode step at slot n-1
+            logits = step(nxt, n - 1)
+        elif n <= max_len:
             logits = model(tokens[:, n - 1:n], cache, slots[n - 1:n])[:, -1]
         else:  # learned positions ran out: roll the window by re-prefilling the last max_len tokens
             logits = prefill(n)
@@ -144,14 +153,15 @@ def _recomputed_logits(model, idx, pad):
 
 def generate(model, idx: Prompts, max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-             stop_tokens: Sequence[int] = (), use_cache: Optional[bool] = None):
-    """Continue each prompt by up to max_new_tokens tokens.
+             stop_tokens: Sequence[int] = (), use_cache: Optional[bool] = None, compile: bool = False):
+    """Continue each prompt by up to max_new_tokens tokens (compile: see `stream`).
 
     idx: a LongTensor (B, T) -> returns (B, T + n); or a list of prompts of different lengths ->
     returns a list of 1-D tensors (prompt + continuation), each equal to generating it alone.
     """
     ragged = not isinstance(idx, torch.Tensor)
-    new = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, use_cache))
+    new = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, use_cache,
+                      compile))
     device = model.tok_emb.weight.device
     out_new = torch.stack(new, dim=1) if new else torch.empty(len(idx), 0, dtype=torch.long, device=device)
     if ragged:

@@ -98,3 +98,56 @@ def test_top_p_stays_in_nucleus(values, p, seed):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(5):
         assert int(sample_next(logits, 1.0, top_p=p, generator=gen)) in allowed
+
+
+def test_decode_attention_equals_sdpa():
+    """The one-token attention the compiled step uses, against SDPA (GQA groups, padding mask)."""
+    from llmlab.model.attention import decode_attention, sdpa_attention
+
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
+    mask = torch.zeros(3, 1, 1, 11)
+    mask[0, ..., 7:] = float("-inf")  # row 0: later slots not written yet
+    mask[2, ..., :4] = float("-inf")  # row 2: left padding
+    assert (decode_attention(q, k, v, mask) - sdpa_attention(q, k, v, mask, 0.0)).abs().max() <= 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_generation_equals_eager_without_recompiling():
+    """generate(compile=True): same greedy tokens as eager for ragged batches and new lengths, and
+    one compiled graph serves them all (any recompile or compile failure would warn -> error)."""
+    import warnings
+
+    model = Transformer(tiny(preset="llama", block_size=64)).eval()
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    eager = generate(model, prompts, 12, temperature=0)
+    assert all(torch.equal(a, b) for a, b in zip(generate(model, prompts, 12, temperature=0, compile=True), eager))
+    with warnings.catch_warnings(), torch._dynamo.config.patch(error_on_recompile=True):
+        warnings.simplefilter("error", RuntimeWarning)
+        for n_prompt, n_new in ((4, 30), (13, 7)):  # other cache lengths: the same graph
+            idx = torch.randint(0, 97, (2, n_prompt))
+            assert torch.equal(generate(model, idx, n_new, temperature=0, compile=True),
+                               generate(model, idx, n_new, temperature=0))
+
+
+@pytest.mark.slow
+def test_compiled_generation_rolls_past_block_size():
+    model = Transformer(tiny(preset="kv_cache", block_size=16)).eval()
+    idx = torch.randint(0, 97, (1, 10))
+    assert torch.equal(generate(model, idx, 20, temperature=0, compile=True),
+                       generate(model, idx, 20, temperature=0, use_cache=False))
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    import llmlab.compiled
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(llmlab.compiled, "_compiled_fn", broken)
+    model = Transformer(tiny(preset="kv_cache")).eval()
+    idx = torch.randint(0, 97, (2, 5))
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler"):
+        out = generate(model, idx, 8, temperature=0, compile=True)
+    assert torch.equal(out, generate(model, idx, 8, temperature=0))
+    with pytest.raises(Exception, match="use_cache=False"):
+        generate(model, idx, 2, compile=True, use_cache=False)

@@ -45,6 +45,21 @@ def sdpa_attention(q, k, v, mask: Optional[torch.Tensor], dropout_p: float) -> t
                                           is_causal=mask is None, enable_gqa=gqa)
 
 
+def decode_attention(q, k, v, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """One query token (T = 1) against the cache, as plain products and sums:
+    scores_s = q·k_s/√d + mask_s, p = softmax(scores), out = Σ_s p_s v_s.
+    Used under torch.compile, where inductor fuses these into a few vectorised loops; SDPA would
+    be an opaque kernel call whose per-call setup outweighs this tiny amount of math."""
+    b, h, _, hd = q.shape
+    hkv = k.shape[1]
+    qg = q.view(b, hkv, h // hkv, 1, hd)  # query heads grouped onto their shared k/v head
+    scores = (qg * k.unsqueeze(2)).sum(-1) * (1.0 / math.sqrt(hd))  # (B, Hkv, G, S)
+    if mask is not None:  # (B|1, 1, 1, S) additive
+        scores = scores + mask.view(mask.shape[0], 1, 1, -1)
+    p = F.softmax(scores, dim=-1)
+    return (p.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(b, h, 1, hd)
+
+
 BACKENDS = {"manual": manual_attention, "sdpa": sdpa_attention}
 
 
@@ -79,7 +94,10 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, Hkv, S, hd): every slot, masked by `mask`
         dropout_p = self.dropout if self.training else 0.0
-        y = BACKENDS[self.backend](q, k, v, mask, dropout_p)  # (B, H, T, hd)
+        if t == 1 and cache is not None and dropout_p == 0.0 and torch.compiler.is_compiling():
+            y = decode_attention(q, k, v, mask)  # the compiled decode step (llmlab.compiled)
+        else:
+            y = BACKENDS[self.backend](q, k, v, mask, dropout_p)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * hd)
         return self.resid_dropout(self.proj(y))
 

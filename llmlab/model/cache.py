@@ -4,25 +4,27 @@ only what that kind needs; `InferenceCache` bundles the layers with the per-row 
 
 Buffers are allocated once for (batch, max_len) and written in place at `input_pos` (slots), so a
 decode step has static shapes (gpt-fast style) and never allocates a growing tensor.
+
+Caches are plain objects holding tensors, not nn.Modules: they are per-generation state, never part
+of a checkpoint, and torch.compile treats plain tensor attributes as ordinary inputs, so a compiled
+decode step can keep the cache length dynamic (it forces nn.Module buffers' shapes static).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Keys and values of one multi-head (or GQA/MQA) layer: (B, n_kv_head, max_len, head_dim) each.
     Only n_kv_head heads are stored; query heads that share them are never expanded here."""
 
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None):
-        super().__init__()
         shape = (batch, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, H, T, hd) at slots input_pos (T,); return the whole buffers (B, H, S, hd)."""
@@ -31,21 +33,23 @@ class KVCache(nn.Module):
         self.v[:b, :, input_pos] = v
         return self.k[:b], self.v[:b]
 
+    def length_axes(self) -> list[tuple[torch.Tensor, int]]:
+        """Every tensor of this cache with its length axis (the compiled step keeps that axis dynamic)."""
+        return [(self.k, 2), (self.v, 2)]
 
-class InferenceCache(nn.Module):
+
+class InferenceCache:
     """All layers' caches for one generation, plus each row's left padding.
 
     Rows are left-padded to a common prompt length: row b's real tokens start at slot pad[b]. A
     token at slot s has position s - pad[b], and attends to slots j with pad[b] <= j <= s
     (a padded slot attends only to itself, so no softmax row is empty)."""
 
-    def __init__(self, layers: list[nn.Module], batch: int, max_len: int,
-                 device: torch.device | str | None):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
+    def __init__(self, layers: list, batch: int, max_len: int, device: torch.device | str | None):
+        self.layers = list(layers)  # one cache per attention layer, of that layer's kind
         self.batch, self.max_len = batch, max_len
-        self.register_buffer("pad", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
 
     def set_padding(self, pad: Optional[torch.Tensor]) -> None:
         self.pad.zero_()
@@ -66,7 +70,10 @@ class InferenceCache(nn.Module):
         blocked = torch.full((), float("-inf"), dtype=dtype, device=allowed.device)
         return torch.where(allowed, 0.0, blocked).to(dtype).unsqueeze(1)
 
+    def length_axes(self) -> list[tuple[torch.Tensor, int]]:
+        return [(self.slots, 0)] + [axis for layer in self.layers for axis in layer.length_axes()]
+
     def bytes_per_token(self) -> int:
         """Bytes the cache holds per token of one sequence, measured from the allocated buffers."""
-        total = sum(b.numel() * b.element_size() for layer in self.layers for b in layer.buffers())
+        total = sum(t.numel() * t.element_size() for layer in self.layers for t, _ in layer.length_axes())
         return total // (self.batch * self.max_len)
