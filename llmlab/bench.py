@@ -40,12 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=DECODE_STEPS,
                    help=f"cached decode steps timed per context (default {DECODE_STEPS})")
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="skip the generate(compile=True) runs (each new cache size compiles for ~10-20 s)")
+                   help="skip the generate(compile=True) runs (the first compiles for ~10-30 s)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison (table 1 llmlab only)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for every run, HF's included (default 1: batch-1 decode of this model "
-                        "is latency-bound, and on a shared machine OpenMP threads spin-waiting for a busy core "
-                        "slow every op many times over; 0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for every run, HF's included (default 0: torch's default, one per core). "
+                        "On a machine where another process holds a core, use 1: OpenMP threads spin-waiting "
+                        "for a busy core slow every op many times over")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -231,7 +231,6 @@ def table_contexts(model, contexts: list[int], decode_steps: int, repeats: int, 
         if compile:
             variants["compiled"] = dict(use_cache=True, compile=True)
         steps = {"cache": decode_steps, "no cache": UNCACHED_STEPS, "compiled": decode_steps}
-        compile_s = _timed(lambda: _stream_timed(model, ids, 2, **variants["compiled"]))[0] if compile else None
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
         toks: dict[str, torch.Tensor] = {}
         for r in range(1 + repeats):  # round-robin, first round is warm-up
@@ -245,17 +244,17 @@ def table_contexts(model, contexts: list[int], decode_steps: int, repeats: int, 
         row = [c, _fmt(r["prefill_tokens_per_s"]), _fmt(tps["cache"]), _fmt(tps["no cache"], 1),
                f"{tps['cache'] / tps['no cache']:.1f}x"]
         if compile:
-            r.update(compiled_decode_tokens_per_s=tps["compiled"], compile_s=compile_s,
+            r.update(compiled_decode_tokens_per_s=tps["compiled"],
                      compiled_tokens_same=torch.equal(toks["compiled"], toks["cache"]))
-            row += [_fmt(tps["compiled"]), f"{compile_s:.1f}", "yes" if r["compiled_tokens_same"] else "NO"]
+            row += [_fmt(tps["compiled"]), "yes" if r["compiled_tokens_same"] else "NO"]
         results.append(r)
         rows.append(row)
     header = ["context", "prefill tok/s", "decode tok/s (cache)", "decode tok/s (no cache)", "cache speedup"]
     if compile:
-        header += ["decode tok/s (compiled)", "first call s", "same tokens"]
+        header += ["decode tok/s (compiled)", "same tokens"]
     print_table(f"Table 2: prefill and decode after a context of C tokens, batch 1, through llmlab.stream "
                 f"(decode: {decode_steps} cached steps or {UNCACHED_STEPS} full recomputes; median of "
-                f"{repeats}; 'first call': compile of a new cache size)", header, rows)
+                f"{repeats} after a warm-up round; the compiled step serves every length)", header, rows)
     return results
 
 

@@ -80,7 +80,8 @@ def stream(model, prompts: Prompts, max_new_tokens: int, temperature: float = 1.
     if use_cache is None:  # the rung decides: basic/flash recompute (as nanoGPT), later rungs cache
         use_cache = compile or model.config.use_cache
     if compile and not use_cache:
-        raise LlmlabError("compile=True compiles the cached decode step; it cannot go with use_cache=False")
+        raise LlmlabError("compile=True (--compile) compiles the cached decode step; it cannot be combined "
+                           "with use_cache=False (--no-cache)")
     device = model.tok_emb.weight.device
     idx, pad = _left_pad(prompts, device)
     gen = torch.Generator(device=device)

@@ -116,6 +116,16 @@ def test_sample_streams_text(capsys, char_run):
     assert out2 == out  # the cache changes speed, not text
 
 
+@pytest.mark.slow
+def test_sample_compile_gives_the_same_greedy_text(capsys, char_run):
+    args = ("sample", char_run, "--prompt", "ROMEO:", "--max-new-tokens", "30", "--temperature", "0")
+    code, out, _ = run_cli(capsys, *args)
+    code2, out2, _ = run_cli(capsys, *args, "--compile")
+    assert code == code2 == 0 and out2 == out and len(out) > len("ROMEO:")
+    code3, _, err = run_cli(capsys, *args, "--compile", "--no-cache")
+    assert_clear_error(code3, err, "use_cache=False")
+
+
 def test_sample_prompt_outside_char_vocab(capsys, char_run):
     code, out, err = run_cli(capsys, "sample", char_run, "--prompt", "日本")
     assert_clear_error(code, err, "'日'")
