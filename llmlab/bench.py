@@ -1,5 +1,6 @@
 """`llmlab bench decode`: greedy decode speed against Hugging Face transformers, prefill / decode
-tokens/s at several context lengths (with and without the KV cache), and cache bytes per token.
+tokens/s at several context lengths (without cache, with it, and with the compiled decode step),
+and cache bytes per token. Every llmlab number is timed through the public generate()/stream().
 
 Every timing is a median over repeats, and runs that are compared are interleaved (HF, llmlab, HF,
 llmlab, ...) so background load hits both sides alike. The last line printed is a JSON object with
