@@ -37,21 +37,22 @@ def _compiled() -> Callable:
     return _compiled_fn
 
 
-class CompiledDecodeStep:
-    """Callable (tok (B, 1), slot int) -> logits (B, vocab) for one generation's model and cache.
+class DecodeStep:
+    """Callable (tok (B,), slot int) -> next-token logits (B, vocab): one generation's one-token
+    decode step on `cache`, through torch.compile when `compile` is set, else eager.
 
     The token and slot are copied into tensors owned here, so every call sees the same input
     tensors and the compiled graph is reused without recompiling. If compilation fails (no C++
     compiler, an unsupported op), it warns once and runs the same step eagerly."""
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, compile: bool = False):
         device = model.tok_emb.weight.device
         self.model, self.cache = model, cache
         self.tok = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.fn: Optional[Callable] = _compiled()
+        self.fn: Optional[Callable] = _compiled() if compile else None
         self.calls = 0
-        if cache.max_len > 1:  # (a length-1 axis is always specialised by dynamo)
+        if compile and cache.max_len > 1:  # (a length-1 axis is always specialised by dynamo)
             for tensor, dim in cache.length_axes():
                 torch._dynamo.mark_dynamic(tensor, dim)
 

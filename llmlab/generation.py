@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from llmlab.compiled import CompiledDecodeStep
+from llmlab.compiled import DecodeStep
 from llmlab.errors import LlmlabError
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]]]
@@ -116,10 +116,10 @@ def _cached_logits(model, idx, pad, max_new_tokens, compile: bool = False):
     total = t0 + max_new_tokens
     max_len = total if window is None else min(total, window)
     cache = model.new_cache(b, max_len)
-    step = CompiledDecodeStep(model, cache) if compile else None
+    step = DecodeStep(model, cache, compile)
     tokens = torch.empty(b, total, dtype=torch.long, device=idx.device)
     tokens[:, :t0] = idx
-    slots = torch.arange(max_len, device=idx.device)  # sliced per step: no allocation
+    slots = torch.arange(max_len, device=idx.device)
 
     def prefill(n: int) -> torch.Tensor:
         """Feed tokens[:, start:n] into slots 0.. of the cache (start > 0 once the window rolls)."""
@@ -133,10 +133,8 @@ def _cached_logits(model, idx, pad, max_new_tokens, compile: bool = False):
         nxt = yield logits
         tokens[:, n] = nxt
         n += 1
-        if n <= max_len and step is not None:  # room left: one-token decode step at slot n-1
+        if n <= max_len:  # room left: one-token decode step at slot n-1
             logits = step(nxt, n - 1)
-        elif n <= max_len:
-            logits = model(tokens[:, n - 1:n], cache, slots[n - 1:n])[:, -1]
         else:  # learned positions ran out: roll the window by re-prefilling the last max_len tokens
             logits = prefill(n)
 
