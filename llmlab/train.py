@@ -21,6 +21,7 @@ from llmlab.data import BatchSampler, encode_corpus, load_text, split_ids
 from llmlab.errors import LlmlabError
 from llmlab.model import Transformer
 from llmlab.presets import preset_config
+from llmlab.shards import BatchShards
 from llmlab.tokenizer import build_tokenizer, load_tokenizer
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias")
@@ -54,6 +55,7 @@ class TrainArgs:
     out: Optional[str] = None  # None: runs/<preset>-<date>-<time>, a new directory each run
     device: str = "auto"
     compile: bool = False
+    batch_threads: int = 1  # CPU: >1 splits each batch into that many shards run on their own threads
     resume: bool = False
     seed: int = 1337
     sample_tokens: int = 200  # printed at the end (0: none)
@@ -67,6 +69,9 @@ class TrainArgs:
                   (self.eval_interval > 0, f"--eval-interval must be positive, got {self.eval_interval}"),
                   (self.eval_iters > 0, f"--eval-iters must be positive, got {self.eval_iters}"),
                   (self.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {self.warmup_iters}"),
+                  (self.batch_threads >= 1, f"--batch-threads must be >= 1, got {self.batch_threads}"),
+                  (self.batch_threads <= self.batch_size,
+                   f"--batch-threads {self.batch_threads} needs --batch-size >= {self.batch_threads} (one row a shard)"),
                   (self.min_lr is None or self.min_lr >= 0, f"--min-lr must be >= 0, got {self.min_lr}")]
         for ok, msg in checks:
             if not ok:
@@ -158,8 +163,18 @@ def prepare(a: TrainArgs, out: Path):
     return tokenizer, train_ids, val_ids, config
 
 
+def use_bf16(device: str) -> bool:
+    return device.startswith("cuda") and torch.cuda.is_bf16_supported()
+
+
+def autocast_for(device: str):
+    """bf16 autocast on CUDA, fp32 elsewhere. A fresh context per use: a context object keeps the
+    state it replaced, so one shared by several threads (--batch-threads) would mix them up."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16(device) else nullcontext()
+
+
 @torch.no_grad()
-def estimate_loss(model, samplers: dict[str, BatchSampler], iters: int, autocast) -> dict[str, float]:
+def estimate_loss(model, samplers: dict[str, BatchSampler], iters: int, device: str) -> dict[str, float]:
     """Mean loss over `iters` batches per split. The eval samplers restart from the same seed each
     time, so every eval sees the same batches and never touches the training RNG."""
     model.eval()
@@ -169,7 +184,7 @@ def estimate_loss(model, samplers: dict[str, BatchSampler], iters: int, autocast
         losses = []
         for _ in range(iters):
             x, y = sampler.next()
-            with autocast:
+            with autocast_for(device):
                 losses.append(model.loss(x, y).item())
         out[split] = sum(losses) / len(losses)
     model.train()
@@ -190,6 +205,7 @@ def train(a: TrainArgs) -> dict[str, Any]:
         raise LlmlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     device = pick_device(a.device)
     tokenizer, train_ids, val_ids, config = prepare(a, out)
+    TrainStep.check(a, device, config)
     torch.manual_seed(a.seed)
     model = Transformer(config).to(device)
     opt = make_optimizer(model, a, device)
@@ -202,52 +218,41 @@ def train(a: TrainArgs) -> dict[str, Any]:
         step, best_val = _restore(out / "last", model, opt, train_sampler)
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl", keep_until=step if a.resume else None)
-    use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    fwd = _maybe_compile(model, a.compile)
     train_args = dataclasses.asdict(a) | {"resume": False}
     log = (lambda *m: None) if a.quiet else (lambda *m: tqdm.write(" ".join(map(str, m)), file=sys.stderr))
     log(f"llmlab: preset {a.preset}, {model.num_params() / 1e6:.2f}M params, device {device}"
-        f"{' (bf16)' if use_bf16 else ''}, tokenizer {tokenizer.kind} ({tokenizer.vocab_size}), "
+        f"{' (bf16)' if use_bf16(device) else ''}, tokenizer {tokenizer.kind} ({tokenizer.vocab_size}), "
         f"{len(train_ids):,} train tokens" + (f", resuming at step {step}" if a.resume else ""))
     tokens_per_step = bs * blk * a.grad_accum
     bar = tqdm(total=a.max_iters, initial=step, disable=a.quiet, dynamic_ncols=True, unit="it")
     val_loss = None
     first_resumed = a.resume
-    while True:
-        if step % a.eval_interval == 0 or step == a.max_iters:
-            if not first_resumed:  # a resumed run's step was evaluated before the checkpoint
-                losses = estimate_loss(model, eval_samplers, a.eval_iters, autocast)
-                val_loss = losses["val"]
-                _check_finite(val_loss, step, out, "val loss")
-                metrics.write(step=step, val_loss=val_loss, train_loss=losses["train"],
-                              perplexity=math.exp(min(val_loss, 50)))
-                log(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
-                best_val = _save(out, model, opt, train_sampler, tokenizer, train_args, step, val_loss, best_val)
-            first_resumed = False
-        if step >= a.max_iters:
-            break
-        t0 = time.perf_counter()
-        lr = lr_at(step, a)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(a.grad_accum):
-            x, y = train_sampler.next()
-            with autocast:
-                loss = fwd(x, y) / a.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        _check_finite(loss_sum, step, out, "training loss")
-        if a.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        metrics.write(step=step, loss=loss_sum, lr=lr, tokens_per_s=tokens_per_step / dt)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-        bar.update(1)
-        step += 1
+    train_step = TrainStep(model, opt, a, device)
+    try:
+        while True:
+            if step % a.eval_interval == 0 or step == a.max_iters:
+                if not first_resumed:  # a resumed run's step was evaluated before the checkpoint
+                    losses = estimate_loss(model, eval_samplers, a.eval_iters, device)
+                    val_loss = losses["val"]
+                    _check_finite(val_loss, step, out, "val loss")
+                    metrics.write(step=step, val_loss=val_loss, train_loss=losses["train"],
+                                  perplexity=math.exp(min(val_loss, 50)))
+                    log(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
+                    best_val = _save(out, model, opt, train_sampler, tokenizer, train_args, step, val_loss, best_val)
+                first_resumed = False
+            if step >= a.max_iters:
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(step, a)
+            loss_sum = train_step(train_sampler.next, lr)
+            _check_finite(loss_sum, step, out, "training loss")
+            dt = time.perf_counter() - t0
+            metrics.write(step=step, loss=loss_sum, lr=lr, tokens_per_s=tokens_per_step / dt)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+            bar.update(1)
+            step += 1
+    finally:
+        train_step.close()
     bar.close()
     summary = {"out": str(out), "step": step, "val_loss": val_loss, "best_val_loss": best_val,
                "params": model.num_params()}
@@ -265,11 +270,65 @@ def _check_finite(value: float, step: int, out: Path, what: str) -> None:
                           f"checkpoint is in {out / 'last'} (try a lower --lr or --grad-clip)")
 
 
-def _maybe_compile(model: Transformer, enabled: bool):
-    """The loss function, compiled when asked; a compile failure falls back to eager, never kills a run."""
+class TrainStep:
+    """One optimizer step: forward and backward over grad_accum micro-batches (each split into
+    concurrent shards with --batch-threads), gradient clipping, AdamW. train() and the training
+    speed benchmark run this same code. close() when done (it restores torch's thread count)."""
+
+    def __init__(self, model: Transformer, opt: torch.optim.Optimizer, a: TrainArgs, device: str):
+        self.check(a, device, model.config)
+        self.model, self.opt, self.a, self.device = model, opt, a, device
+        # shards before compiling: inductor fixes its kernels' thread count when it compiles them
+        self.shards = BatchShards(model.parameters(), a.batch_threads) if a.batch_threads > 1 else None
+        self.fwd = _maybe_compile(model, a.compile, device)
+
+    @staticmethod
+    def check(a: TrainArgs, device: str, config) -> None:
+        if a.batch_threads > 1 and not device.startswith("cpu"):
+            raise LlmlabError(f"--batch-threads is for CPU training (one CPU thread a shard); drop it on {device}")
+        if a.batch_threads > 1 and config.dropout > 0:
+            raise LlmlabError("--batch-threads needs --dropout 0: dropout masks come from one global random "
+                              "generator that concurrent shards would draw from in no fixed order")
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast_for(self.device):
+            return self.fwd(x, y)
+
+    def __call__(self, next_batch, lr: float) -> float:
+        """Train on grad_accum batches from next_batch() at this lr; returns the mean loss. A
+        non-finite loss leaves the weights as they were (the caller stops)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        accum = self.a.grad_accum
+        loss_sum = 0.0
+        for _ in range(accum):
+            x, y = next_batch()
+            if self.shards is not None:
+                loss_sum += self.shards.backward(self._loss, x, y, scale=1.0 / accum)
+            else:
+                loss = self._loss(x, y) / accum
+                loss.backward()
+                loss_sum += loss.item()
+        if math.isfinite(loss_sum):
+            if self.a.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.a.grad_clip)
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def close(self) -> None:
+        if self.shards is not None:
+            self.shards.close()
+
+
+def _maybe_compile(model: Transformer, enabled: bool, device: str = "cpu"):
+    """The loss function, compiled when asked; a compile failure falls back to eager, never kills a run.
+    On CPU the graph runs through inductor's C++ wrapper: one C++ call instead of a Python function
+    issuing every kernel, which matters most when shards on several threads share the GIL."""
     if not enabled:
         return model.loss
-    compiled = torch.compile(model.loss)
+    options = {"cpp_wrapper": True} if device.startswith("cpu") else None
+    compiled = torch.compile(model.loss, options=options)
     state = {"fn": compiled}
 
     def call(x, y):

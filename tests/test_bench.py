@@ -110,3 +110,42 @@ def test_train_benchmark_missing_data(tmp_path):
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert proc.returncode == 2
     assert "not found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_nanogpt_stand_in_has_llmlab_flash_logits():
+    """The speed comparison is fair only if the stand-in is the same model: copy llmlab's weights
+    into it (nanoGPT's own parameter names) and compare logits and loss."""
+    from llmlab.model import Transformer
+    from llmlab.presets import preset_config
+
+    ref_mod = load_script("nanogpt_reference")
+    model = Transformer(preset_config("flash", vocab_size=65, n_layer=2, n_head=4, n_embd=32, block_size=16,
+                                      bias=False)).eval()
+    ref = ref_mod.NanoGPT(65, 16, n_layer=2, n_head=4, n_embd=32).eval()
+    names = {"tok_emb": "wte", "pos": "wpe", "blocks": "h", "norm1": "ln_1", "norm2": "ln_2", "norm_f": "ln_f",
+             "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc": "c_fc", "mlp.proj": "c_proj"}
+    theirs = {}
+    for name, p in model.state_dict().items():
+        for ours, nano in names.items():
+            name = name.replace(ours, nano)
+        theirs[name] = p
+    missing, unexpected = ref.load_state_dict(theirs, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to wte
+    x, y = torch.randint(65, (3, 16)), torch.randint(65, (3, 16))
+    logits, loss = ref(x, y)
+    torch.testing.assert_close(logits, model(x), rtol=1e-5, atol=1e-5)
+    assert loss.item() == pytest.approx(model.loss(x, y).item(), rel=1e-5)
+
+
+def test_train_speed_script_runs_and_prints_ratios(capsys):
+    script = load_script("train_speed")
+    assert script.main(["--configs", "eager,batch-threads", "--rounds", "1", "--steps", "2"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["nanogpt_ms"] > 0 and summary["eager_x"] > 0 and summary["batch_threads_x"] > 0
+
+
+def test_train_speed_script_bad_config(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_script("train_speed").main(["--configs", "warp"])
+    assert e.value.code == 2
+    assert "unknown config(s) warp" in capsys.readouterr().err

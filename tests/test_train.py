@@ -41,7 +41,11 @@ def test_short_run_lowers_val_loss(tmp_path):
     assert model.config.n_embd == 32
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"dropout": 0.0, "batch_threads": 2}], ids=["dropout", "batch-threads"])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, extra):
+    def args(out, **kw):
+        return TrainArgs(out=str(out), **{**TINY, **extra, **kw})
+
     train(args(tmp_path / "full", max_iters=30, eval_interval=10))
     reference = losses(tmp_path / "full")
 
@@ -135,3 +139,47 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         llmlab.load(run / "last")
     with pytest.raises(LlmlabError, match="truncated or corrupt"):  # resuming it, too
         train(args(run, max_iters=10, eval_interval=5, resume=True))
+
+
+def test_batch_threads_train_like_one_thread(tmp_path):
+    """Shards on two threads compute the batch's gradient: the losses follow a one-thread run (up to
+    float summation order), repeat bit for bit, and torch's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    one = dict(dropout=0.0, batch_size=5, max_iters=25, eval_interval=25)  # 5 rows: uneven shards 3 + 2
+    train(args(tmp_path / "one", **one))
+    train(args(tmp_path / "two", batch_threads=2, **one))
+    train(args(tmp_path / "again", batch_threads=2, **one))
+    ref, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert ref.keys() == two.keys()
+    assert max(abs(ref[k] - two[k]) for k in ref) < 1e-4, (ref, two)
+    assert losses(tmp_path / "again") == two
+    assert torch.get_num_threads() == threads
+
+
+def test_batch_shards_gradient_equals_full_batch():
+    from llmlab.model import Transformer
+    from llmlab.presets import preset_config
+    from llmlab.shards import BatchShards
+
+    model = Transformer(preset_config("flash", vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=8))
+    x, y = torch.randint(50, (7, 8)), torch.randint(50, (7, 8))
+    (model.loss(x, y) * 0.5).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with BatchShards(model.parameters(), 3) as shards:  # rows 3 + 2 + 2, each shard on its own thread
+        for _ in range(2):  # the second call runs concurrently (the first is the compile-safe warm-up)
+            loss = shards.backward(model.loss, x, y, scale=0.25)  # twice a quarter: accumulates to 0.5
+    assert loss == pytest.approx(0.25 * model.loss(x, y).item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(batch_threads=2, dropout=0.1), "--batch-threads needs --dropout 0"),
+    (dict(batch_threads=5, batch_size=4, dropout=0.0), "needs --batch-size >= 5"),
+    (dict(batch_threads=0), "--batch-threads must be >= 1"),
+])
+def test_batch_threads_bad_input(tmp_path, kw, words):
+    with pytest.raises(LlmlabError, match=words):
+        train(args(tmp_path / "run", max_iters=2, **kw))
+    assert not (tmp_path / "run").exists()
