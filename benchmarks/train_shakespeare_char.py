@@ -1,7 +1,8 @@
 """nanoGPT's shakespeare_char CPU recipe, trained by llmlab's own `train()`.
 
     python benchmarks/train_shakespeare_char.py [--data PATH] [--max-iters N] [--device D] [--threads N]
-                                                [--compile] [--seed S] [--no-full-val]
+                                                [--compile] [--batch-threads N] [--preset P] [--seed S]
+                                                [--no-full-val]
 
 The recipe (nanoGPT config/train_shakespeare_char.py with its README's CPU overrides): character
 tokenizer, n_layer 4, n_head 4, n_embd 128, block 64, batch 12, no bias, dropout 0, AdamW lr 1e-3
@@ -41,7 +42,11 @@ def parse_args(argv):
                    help="torch CPU threads (default: torch's choice, one per core). On a shared machine 1 "
                         "can be much faster: OpenMP threads spin-wait for a core another process holds")
     p.add_argument("--compile", action="store_true", help="TrainArgs(compile=True): torch.compile the loss")
+    p.add_argument("--batch-threads", type=int, default=1,
+                   help="TrainArgs(batch_threads=N): each batch as N shards on N threads (e.g. 2 on 2 cores)")
     p.add_argument("--seed", type=int, default=1337, help="model init and batch order (default 1337)")
+    p.add_argument("--preset", default="flash",
+                   help="the rung trained on the recipe (default flash: nanoGPT's own model)")
     p.add_argument("--no-full-val", action="store_true",
                    help="skip the extra loss over the whole validation split (a few seconds)")
     p.add_argument("--out", default=None, help="run directory (default: a temporary one, removed after)")
@@ -49,17 +54,17 @@ def parse_args(argv):
 
 
 def recipe(data: str, max_iters: int, device: str, eval_interval: int, compile: bool, out: str,
-           seed: int = 1337):
+           seed: int = 1337, preset: str = "flash", batch_threads: int = 1):
     from llmlab.train import TrainArgs
 
     return TrainArgs(
-        preset="flash", data=data, tokenizer="char",
+        preset=preset, data=data, tokenizer="char",
         n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False,
         batch_size=12, grad_accum=1, max_iters=max_iters,
         lr=1e-3, min_lr=1e-4, warmup_iters=min(100, max_iters), weight_decay=0.1,
         beta1=0.9, beta2=0.99, grad_clip=1.0,
         eval_interval=eval_interval, eval_iters=20,
-        out=out, device=device, compile=compile, seed=seed, sample_tokens=0, quiet=True,
+        out=out, device=device, compile=compile, batch_threads=batch_threads, seed=seed, sample_tokens=0, quiet=True,
     )
 
 
@@ -118,7 +123,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(ns.threads)
     with tempfile.TemporaryDirectory(prefix="llmlab-shakespeare-") as tmp:
         out = ns.out or str(Path(tmp) / "run")
-        args = recipe(ns.data, ns.max_iters, ns.device, ns.eval_interval, ns.compile, out, ns.seed)
+        args = recipe(ns.data, ns.max_iters, ns.device, ns.eval_interval, ns.compile, out, ns.seed,
+                      ns.preset, ns.batch_threads)
         t0 = time.perf_counter()
         try:
             summary = train(args)
@@ -135,7 +141,8 @@ def main(argv=None) -> int:
     first_steps = [r["tokens_per_s"] for r in train_lines[:5]]
     print(f"shakespeare_char (nanoGPT CPU recipe) via llmlab.train: {summary['params'] / 1e6:.2f}M params, "
           f"device {ns.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-          f"{', compile' if ns.compile else ''}")
+          f"{', compile' if ns.compile else ''}"
+          f"{f', batch threads {ns.batch_threads}' if ns.batch_threads > 1 else ''}")
     print(f"{'step':>6}  {'train loss':>10}  {'val loss':>8}")
     for r in evals:
         print(f"{r['step']:>6}  {r['train_loss']:>10.4f}  {r['val_loss']:>8.4f}")
