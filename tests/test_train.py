@@ -183,3 +183,15 @@ def test_batch_threads_bad_input(tmp_path, kw, words):
     with pytest.raises(LlmlabError, match=words):
         train(args(tmp_path / "run", max_iters=2, **kw))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compiled_sharded_training_follows_eager(tmp_path):
+    """--compile (inductor's C++ wrapper on CPU) together with --batch-threads 2: the same losses as
+    the plain eager step, up to compiled float rounding (one compile: tens of seconds cold)."""
+    one = dict(dropout=0.0, max_iters=8, eval_interval=8)
+    train(args(tmp_path / "eager", **one))
+    train(args(tmp_path / "compiled", compile=True, batch_threads=2, **one))
+    ref, got = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert ref.keys() == got.keys()
+    assert max(abs(ref[k] - got[k]) for k in ref) < 1e-3, (ref, got)
