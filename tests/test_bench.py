@@ -92,7 +92,7 @@ def test_train_benchmark_script_prints_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "cache"))  # never touch the real token cache
     script = load_script("train_shakespeare_char")  # in-process: torch is imported once for the file
     rc = script.main(["--data", str(SHAKESPEARE), "--max-iters", "20", "--eval-interval", "20",
-                      "--threads", "1", "--no-full-val"])
+                      "--threads", "1", "--no-full-val", "--no-compile"])
     assert rc == 0
     summary = last_json(capsys.readouterr().out)
     assert set(summary) == {"val_loss", "tokens_per_s", "iters"}
