@@ -1,8 +1,8 @@
 """nanoGPT's shakespeare_char CPU recipe, trained by llmlab's own `train()`.
 
     python benchmarks/train_shakespeare_char.py [--data PATH] [--max-iters N] [--device D] [--threads N]
-                                                [--compile] [--batch-threads N] [--preset P] [--seed S]
-                                                [--no-full-val]
+                                                [--no-compile] [--batch-threads N] [--preset P]
+                                                [--seed S] [--no-full-val]
 
 The recipe (nanoGPT config/train_shakespeare_char.py with its README's CPU overrides): character
 tokenizer, n_layer 4, n_head 4, n_embd 128, block 64, batch 12, no bias, dropout 0, AdamW lr 1e-3
@@ -70,7 +70,8 @@ def recipe(data: str, max_iters: int, device: str, eval_interval: int, compile: 
         lr=1e-3, min_lr=1e-4, warmup_iters=min(100, max_iters), weight_decay=0.1,
         beta1=0.9, beta2=0.99, grad_clip=1.0,
         eval_interval=eval_interval, eval_iters=20,
-        out=out, device=device, compile=compile, batch_threads=batch_threads, seed=seed, sample_tokens=0, quiet=True,
+        out=out, device=device, compile=compile, batch_threads=batch_threads, seed=seed,
+        sample_tokens=0, quiet=True,
     )
 
 
@@ -123,12 +124,17 @@ def main(argv=None) -> int:
     import torch
 
     from llmlab.errors import LlmlabError
-    from llmlab.train import train
+    from llmlab.train import pick_device, train
 
     if ns.threads > 0:
         torch.set_num_threads(ns.threads)
     if ns.batch_threads is None:
-        ns.batch_threads = torch.get_num_threads() if ns.device == "cpu" else 1
+        try:
+            on_cpu = pick_device(ns.device).startswith("cpu")
+        except LlmlabError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        ns.batch_threads = torch.get_num_threads() if on_cpu else 1
     with tempfile.TemporaryDirectory(prefix="llmlab-shakespeare-") as tmp:
         out = ns.out or str(Path(tmp) / "run")
         args = recipe(ns.data, ns.max_iters, ns.device, ns.eval_interval, ns.compile, out, ns.seed,
@@ -148,7 +154,8 @@ def main(argv=None) -> int:
     tokens_per_step = args.batch_size * args.block_size
     first_steps = [r["tokens_per_s"] for r in train_lines[:5]]
     print(f"shakespeare_char (nanoGPT CPU recipe) via llmlab.train, preset {ns.preset}: "
-          f"{summary['params'] / 1e6:.2f}M params, device {ns.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+          f"{summary['params'] / 1e6:.2f}M params, device {ns.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads"
           f"{', compile' if ns.compile else ''}"
           f"{f', batch threads {ns.batch_threads}' if ns.batch_threads > 1 else ''}")
     print(f"{'step':>6}  {'train loss':>10}  {'val loss':>8}")
