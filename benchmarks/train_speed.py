@@ -7,9 +7,9 @@ The shakespeare_char CPU recipe's shapes (vocab 65, 4 layers, 4 heads, 128 wide,
 batch 12, AdamW, clip 1.0) on random tokens: the step time does not depend on the text. Every
 contestant has its own model and optimizer from the same seed and trains on the same batches;
 rounds alternate between them (`--steps` steps each), so a noisy machine slows all of them alike.
-llmlab runs its real `train.TrainStep`. The nanoGPT stand-in (benchmarks/nanogpt_reference.py)
-uses torch's default threads, as nanoGPT does; `batch-threads` splits each batch across the
-cores (`--batch-threads`, one shard a core).
+llmlab runs `llmlab.step.TrainStep`, the code `train()` runs. The nanoGPT stand-in
+(benchmarks/nanogpt_reference.py) uses torch's default threads, as nanoGPT does; `batch-threads`
+splits each batch across the cores (`--batch-threads`, one shard a core).
 
 Prints a table of median ms/step, tokens/s and speed relative to nanoGPT, then as its LAST line
 a JSON object {"nanogpt_ms": ..., "<config>_ms": ..., "<config>_x": ...}.
@@ -70,7 +70,8 @@ def build(ns, cores: int) -> tuple[list[Contestant], list]:
 
     from llmlab.model import Transformer
     from llmlab.presets import preset_config
-    from llmlab.train import TrainArgs, TrainStep, make_optimizer
+    from llmlab.step import TrainStep
+    from llmlab.train import TrainArgs, make_optimizer
     from nanogpt_reference import NanoGPT, nanogpt_optimizer, nanogpt_step
 
     torch.manual_seed(ns.seed)

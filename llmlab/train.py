@@ -8,7 +8,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -21,7 +20,7 @@ from llmlab.data import BatchSampler, encode_corpus, load_text, split_ids
 from llmlab.errors import LlmlabError
 from llmlab.model import Transformer
 from llmlab.presets import preset_config
-from llmlab.shards import BatchShards
+from llmlab.step import TrainStep, autocast_for, use_bf16
 from llmlab.tokenizer import build_tokenizer, load_tokenizer
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias")
@@ -163,16 +162,6 @@ def prepare(a: TrainArgs, out: Path):
     return tokenizer, train_ids, val_ids, config
 
 
-def use_bf16(device: str) -> bool:
-    return device.startswith("cuda") and torch.cuda.is_bf16_supported()
-
-
-def autocast_for(device: str):
-    """bf16 autocast on CUDA, fp32 elsewhere. A fresh context per use: a context object keeps the
-    state it replaced, so one shared by several threads (--batch-threads) would mix them up."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16(device) else nullcontext()
-
-
 @torch.no_grad()
 def estimate_loss(model, samplers: dict[str, BatchSampler], iters: int, device: str) -> dict[str, float]:
     """Mean loss over `iters` batches per split. The eval samplers restart from the same seed each
@@ -268,80 +257,6 @@ def _check_finite(value: float, step: int, out: Path, what: str) -> None:
     if not math.isfinite(value):
         raise LlmlabError(f"{what} became {value} at step {step}; stopped without saving. The last good "
                           f"checkpoint is in {out / 'last'} (try a lower --lr or --grad-clip)")
-
-
-class TrainStep:
-    """One optimizer step: forward and backward over grad_accum micro-batches (each split into
-    concurrent shards with --batch-threads), gradient clipping, AdamW. train() and the training
-    speed benchmark run this same code. close() when done (it restores torch's thread count)."""
-
-    def __init__(self, model: Transformer, opt: torch.optim.Optimizer, a: TrainArgs, device: str):
-        self.check(a, device, model.config)
-        self.model, self.opt, self.a, self.device = model, opt, a, device
-        # shards before compiling: inductor fixes its kernels' thread count when it compiles them
-        self.shards = BatchShards(model.parameters(), a.batch_threads) if a.batch_threads > 1 else None
-        self.fwd = _maybe_compile(model, a.compile, device)
-
-    @staticmethod
-    def check(a: TrainArgs, device: str, config) -> None:
-        if a.batch_threads > 1 and not device.startswith("cpu"):
-            raise LlmlabError(f"--batch-threads is for CPU training (one CPU thread a shard); drop it on {device}")
-        if a.batch_threads > 1 and config.dropout > 0:
-            raise LlmlabError("--batch-threads needs --dropout 0: dropout masks come from one global random "
-                              "generator that concurrent shards would draw from in no fixed order")
-
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast_for(self.device):
-            return self.fwd(x, y)
-
-    def __call__(self, next_batch, lr: float) -> float:
-        """Train on grad_accum batches from next_batch() at this lr; returns the mean loss. A
-        non-finite loss leaves the weights as they were (the caller stops)."""
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        accum = self.a.grad_accum
-        loss_sum = 0.0
-        for _ in range(accum):
-            x, y = next_batch()
-            if self.shards is not None:
-                loss_sum += self.shards.backward(self._loss, x, y, scale=1.0 / accum)
-            else:
-                loss = self._loss(x, y) / accum
-                loss.backward()
-                loss_sum += loss.item()
-        if math.isfinite(loss_sum):
-            if self.a.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.a.grad_clip)
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss_sum
-
-    def close(self) -> None:
-        if self.shards is not None:
-            self.shards.close()
-
-
-def _maybe_compile(model: Transformer, enabled: bool, device: str = "cpu"):
-    """The loss function, compiled when asked; a compile failure falls back to eager, never kills a run.
-    On CPU the graph runs through inductor's C++ wrapper: one C++ call instead of a Python function
-    issuing every kernel, which matters most when shards on several threads share the GIL."""
-    if not enabled:
-        return model.loss
-    options = {"cpp_wrapper": True} if device.startswith("cpu") else None
-    compiled = torch.compile(model.loss, options=options)
-    state = {"fn": compiled}
-
-    def call(x, y):
-        try:
-            return state["fn"](x, y)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: keep training eagerly
-            if state["fn"] is model.loss:
-                raise
-            print(f"llmlab: torch.compile failed ({type(e).__name__}); continuing without it", file=sys.stderr)
-            state["fn"] = model.loss
-            return model.loss(x, y)
-
-    return call
 
 
 def _train_tensors(opt, sampler: BatchSampler) -> tuple[dict[str, torch.Tensor], dict]:
