@@ -4,7 +4,7 @@ nanoGPT: tied token embedding, learned positions, pre-LayerNorm blocks (no biase
 fused qkv projection, SDPA causal attention, exact-GELU MLP of 4x width, N(0, 0.02) init with the
 residual projections at 0.02/sqrt(2 n_layer). Step as nanoGPT on a CPU: AdamW with weight decay on
 every 2-D tensor (embeddings too) and the default (foreach) implementation, clip 1.0, .item() of
-the loss every step (log_interval 1), zero_grad(set_to_none=True). tests/test_benchmarks.py checks
+the loss every step (log_interval 1), zero_grad(set_to_none=True). tests/test_bench.py checks
 that its logits equal llmlab's flash preset on the same weights."""
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def parse_args(argv):
                    help="TrainArgs(compile=...): torch.compile the loss (default on; ~40 s the first time)")
     p.add_argument("--batch-threads", type=int, default=None,
                    help="TrainArgs(batch_threads=N): each batch as N shards on N threads (default on a CPU: "
-                        "one per torch thread, i.e. per core; 1: torch's threads inside every op)")
+                        "one per torch thread, i.e. per core, at most 12; 1: torch's threads inside every op)")
     p.add_argument("--seed", type=int, default=1337, help="model init and batch order (default 1337)")
     p.add_argument("--preset", default="rope",
                    help="the rung trained on the recipe (default rope; flash is nanoGPT's own model)")
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         except LlmlabError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        ns.batch_threads = torch.get_num_threads() if on_cpu else 1
+        ns.batch_threads = min(torch.get_num_threads(), 12) if on_cpu else 1  # one shard a core, batch 12
     with tempfile.TemporaryDirectory(prefix="llmlab-shakespeare-") as tmp:
         out = ns.out or str(Path(tmp) / "run")
         args = recipe(ns.data, ns.max_iters, ns.device, ns.eval_interval, ns.compile, out, ns.seed,

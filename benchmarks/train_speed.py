@@ -12,7 +12,7 @@ llmlab runs `llmlab.step.TrainStep`, the code `train()` runs. The nanoGPT stand-
 splits each batch across the cores (`--batch-threads`, one shard a core).
 
 Prints a table of median ms/step, tokens/s and speed relative to nanoGPT, then as its LAST line
-a JSON object {"nanogpt_ms": ..., "<config>_ms": ..., "<config>_x": ...}.
+a JSON object {"nanogpt_ms": ..., "<config>_ms": ..., "<config>_x": ..., "<config>_shards": ...}.
 """
 from __future__ import annotations
 
@@ -40,20 +40,23 @@ def parse_args(argv):
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--rounds", type=int, default=20, help="alternating rounds (default 20)")
     p.add_argument("--steps", type=int, default=5, help="steps per contestant per round (default 5)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads to use (default: torch's, one per core); batch-threads runs one shard "
+                        "per thread, at most one per batch row")
     p.add_argument("--seed", type=int, default=1337)
     ns = p.parse_args(argv)
     ns.configs = [c.strip() for c in ns.configs.split(",") if c.strip()]
     bad = [c for c in ns.configs if c not in CONFIGS]
     if bad or not ns.configs:
         p.error(f"unknown config(s) {', '.join(bad) or '(none)'}; choose from {', '.join(CONFIGS)}")
-    if ns.rounds < 1 or ns.steps < 1:
-        p.error("--rounds and --steps must be >= 1")
+    if ns.rounds < 1 or ns.steps < 1 or ns.threads < 0:
+        p.error("--rounds and --steps must be >= 1, --threads >= 0")
     return ns
 
 
 class Contestant:
-    def __init__(self, name: str, threads: int, step):
-        self.name, self.threads, self.step, self.times = name, threads, step, []
+    def __init__(self, name: str, threads: int, step, shards: int = 0):
+        self.name, self.threads, self.step, self.shards, self.times = name, threads, step, shards, []
 
     def run(self, batches) -> None:
         import torch
@@ -65,7 +68,7 @@ class Contestant:
             self.times.append(time.perf_counter() - t0)
 
 
-def build(ns, cores: int) -> tuple[list[Contestant], list]:
+def build(ns, cores: int, closers: list) -> list[Contestant]:
     import torch
 
     from llmlab.model import Transformer
@@ -78,34 +81,50 @@ def build(ns, cores: int) -> tuple[list[Contestant], list]:
     ref = NanoGPT(VOCAB, BLOCK, N_LAYER, N_HEAD, N_EMBD)
     ref_opt = nanogpt_optimizer(ref, lr=1e-3)
     contestants = [Contestant("nanoGPT (stand-in)", cores, lambda x, y: nanogpt_step(ref, ref_opt, x, y))]
-    closers = []
     for name in ns.configs:
         compile, shard = CONFIGS[name]
         a = TrainArgs(preset=ns.preset, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=BLOCK,
                       dropout=0.0, bias=False, batch_size=BATCH, lr=1e-3, compile=compile,
-                      batch_threads=cores if shard else 1)
+                      batch_threads=min(cores, BATCH) if shard else 1)
         torch.set_num_threads(cores)
         torch.manual_seed(ns.seed)
         model = Transformer(preset_config(ns.preset, vocab_size=VOCAB, **a.model_overrides()))
         train_step = TrainStep(model, make_optimizer(model, a, "cpu"), a, "cpu")
         closers.append(train_step.close)
-        threads = 1 if train_step.shards is not None else cores
-        contestants.append(Contestant(f"llmlab {ns.preset}, {name}", threads,
-                                      lambda x, y, s=train_step: s(lambda: (x, y), 1e-3)))
-    return contestants, closers
+        shards = 0 if train_step.shards is None else train_step.shards.n
+        contestants.append(Contestant(f"llmlab {ns.preset}, {name}", 1 if shards else cores,
+                                      lambda x, y, s=train_step: s(lambda: (x, y), 1e-3), shards))
+    return contestants
 
 
 def main(argv=None) -> int:
     ns = parse_args(argv)
     import torch
 
+    saved_threads = torch.get_num_threads()
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
     cores = torch.get_num_threads()
-    contestants, closers = build(ns, cores)
+    closers = []
+    try:
+        contestants = build(ns, cores, closers)
+        warm_s = race(contestants, ns)
+    finally:  # shards hold a thread pool and set torch to one thread: always give both back
+        for close in closers:
+            close()
+        torch.set_num_threads(saved_threads)
+    report(contestants, ns, cores, warm_s)
+    return 0
+
+
+def race(contestants: list[Contestant], ns) -> float:
+    """Warm every contestant up (compiling), then alternate rounds; returns the warm-up seconds."""
+    import torch
+
     gen = torch.Generator().manual_seed(ns.seed)
 
     def batches(n):
-        return [(torch.randint(VOCAB, (BATCH, BLOCK), generator=gen), torch.randint(VOCAB, (BATCH, BLOCK), generator=gen))
-                for _ in range(n)]
+        return [tuple(torch.randint(VOCAB, (BATCH, BLOCK), generator=gen) for _ in "xy") for _ in range(n)]
 
     t0 = time.perf_counter()
     for c in contestants:  # warm-up (and compile) outside the timed rounds
@@ -116,9 +135,11 @@ def main(argv=None) -> int:
         work = batches(ns.steps)
         for c in contestants:
             c.run(work)
-    for close in closers:
-        close()
-    torch.set_num_threads(cores)
+    return warm_s
+
+
+def report(contestants: list[Contestant], ns, cores: int, warm_s: float) -> None:
+    import torch
 
     tokens = BATCH * BLOCK
     ref_ms = 1000 * statistics.median(contestants[0].times)
@@ -133,8 +154,8 @@ def main(argv=None) -> int:
         if c is not contestants[0]:
             key = c.name.split(", ", 1)[1].replace("+", "_").replace("-", "_")
             result[f"{key}_ms"], result[f"{key}_x"] = round(ms, 2), round(ref_ms / ms, 3)
+            result[f"{key}_shards"] = c.shards
     print(json.dumps(result))
-    return 0
 
 
 if __name__ == "__main__":

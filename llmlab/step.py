@@ -37,7 +37,8 @@ class TrainStep:
     def __init__(self, model: Transformer, opt: torch.optim.Optimizer, a: TrainArgs, device: str):
         self.check(a, device, model.config)
         self.model, self.opt, self.a, self.device = model, opt, a, device
-        # shards before compiling: inductor fixes its kernels' thread count when it compiles them
+        # Shards set torch to one thread a worker; the first (serial) call then compiles, so inductor
+        # builds single-threaded kernels (it fixes their thread count at compile time).
         self.shards = BatchShards(model.parameters(), a.batch_threads) if a.batch_threads > 1 else None
         self.fwd = compile_loss(model, a.compile, device)
 
@@ -46,7 +47,8 @@ class TrainStep:
         if a.batch_threads > 1 and not device.startswith("cpu"):
             raise LlmlabError(f"--batch-threads is for CPU training (one CPU thread a shard); drop it on {device}")
         if a.batch_threads > 1 and config.dropout > 0:
-            raise LlmlabError("--batch-threads needs --dropout 0: dropout masks come from one global random "
+            raise LlmlabError(f"--batch-threads needs dropout 0 and this model has dropout {config.dropout} "
+                              "(a resumed run keeps its own): dropout masks come from one global random "
                               "generator that concurrent shards would draw from in no fixed order")
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,11 @@ def compile_loss(model: Transformer, enabled: bool, device: str = "cpu"):
     if not enabled:
         return model.loss
     options = {"cpp_wrapper": True} if device.startswith("cpu") else None
-    compiled = torch.compile(model.loss, options=options)
+    try:  # torch.compile itself can refuse (e.g. a Python version dynamo does not support)
+        compiled = torch.compile(model.loss, options=options)
+    except Exception as e:  # noqa: BLE001
+        print(f"llmlab: torch.compile unavailable ({type(e).__name__}: {e}); training without it", file=sys.stderr)
+        return model.loss
     state = {"fn": compiled}
 
     def call(x, y):

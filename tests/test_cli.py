@@ -82,7 +82,7 @@ def test_config_file_values_and_flag_override(capsys, tmp_path):
     (["--n-embd", "30", "--n-head", "4"], ["divisible by n_head"]),
     (["--block-size", "512", "--data", "SMALL"], ["block size 512", "lower --block-size"]),
     (["--max-iters", "-3"], ["--max-iters"]),
-    (["--batch-threads", "2", "--dropout", "0.1"], ["--batch-threads needs --dropout 0"]),
+    (["--batch-threads", "2", "--dropout", "0.1"], ["--batch-threads needs dropout 0"]),
 ])
 def test_train_bad_input(capsys, tmp_path, argv, words):
     out_dir = tmp_path / "r"

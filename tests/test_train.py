@@ -145,6 +145,7 @@ def test_batch_threads_train_like_one_thread(tmp_path):
     """Shards on two threads compute the batch's gradient: the losses follow a one-thread run (up to
     float summation order), repeat bit for bit, and torch's thread count is restored afterwards."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # a count the shards' one-thread setting cannot be mistaken for
     one = dict(dropout=0.0, batch_size=5, max_iters=25, eval_interval=25)  # 5 rows: uneven shards 3 + 2
     train(args(tmp_path / "one", **one))
     train(args(tmp_path / "two", batch_threads=2, **one))
@@ -153,6 +154,23 @@ def test_batch_threads_train_like_one_thread(tmp_path):
     assert ref.keys() == two.keys()
     assert max(abs(ref[k] - two[k]) for k in ref) < 1e-4, (ref, two)
     assert losses(tmp_path / "again") == two
+    assert torch.get_num_threads() == 3
+    torch.set_num_threads(threads)
+
+
+def test_compile_refused_at_setup_trains_eagerly(tmp_path, monkeypatch, capsys):
+    """torch.compile raising at once (not at the first call) falls back to eager too, with shards on."""
+    def refuse(*a, **k):
+        raise RuntimeError("dynamo does not support this Python")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    threads = torch.get_num_threads()
+    one = dict(dropout=0.0, max_iters=5, eval_interval=5)
+    train(args(tmp_path / "eager", **one))
+    train(args(tmp_path / "compiled", compile=True, batch_threads=2, **one))
+    assert "torch.compile unavailable" in capsys.readouterr().err
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "eager").values(),
+                                          losses(tmp_path / "compiled").values())) < 1e-4
     assert torch.get_num_threads() == threads
 
 
@@ -175,7 +193,7 @@ def test_batch_shards_gradient_equals_full_batch():
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(batch_threads=2, dropout=0.1), "--batch-threads needs --dropout 0"),
+    (dict(batch_threads=2, dropout=0.1), "--batch-threads needs dropout 0 and this model has dropout 0.1"),
     (dict(batch_threads=5, batch_size=4, dropout=0.0), "needs --batch-size >= 5"),
     (dict(batch_threads=0), "--batch-threads must be >= 1"),
 ])
