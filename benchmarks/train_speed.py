@@ -75,12 +75,12 @@ def build_step(name: str, preset: str, threads: int, seed: int):
     from llmlab.model import Transformer
     from llmlab.presets import preset_config
     from llmlab.step import TrainStep
-    from llmlab.train import TrainArgs, make_optimizer
+    from llmlab.train import make_optimizer
+    from train_shakespeare_char import recipe  # the recipe's hyperparameters, from the one place
 
     compile, shard = CONFIGS[name]
-    a = TrainArgs(preset=preset, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=BLOCK, dropout=0.0,
-                  bias=False, batch_size=BATCH, lr=1e-3, compile=compile,
-                  batch_threads=min(threads, BATCH) if shard else 1)
+    a = recipe(data=None, max_iters=2000, device="cpu", eval_interval=250, compile=compile, out=None,
+               seed=seed, preset=preset, batch_threads=min(threads, BATCH) if shard else 1)
     model = Transformer(preset_config(preset, vocab_size=VOCAB, **a.model_overrides()))
     train_step = TrainStep(model, make_optimizer(model, a, "cpu"), a, "cpu")  # closed when the process ends
     return (lambda x, y: train_step(lambda: (x, y), 1e-3)), (train_step.shards.n if train_step.shards else 0)

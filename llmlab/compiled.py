@@ -15,9 +15,38 @@ prompt and output lengths: no recompiling, and no cache padded to a bucket size 
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
+
+class CompiledOrEager:
+    """`compile()`'s function, or `eager` once compiling has failed. torch.compile can refuse at
+    once (a Python version dynamo does not support) or at a call (no C++ compiler, an unsupported
+    op); either way this warns once and the eager function, which computes the same thing, takes
+    over, so a missing compiler never stops a run. Used by decoding and by training."""
+
+    def __init__(self, eager: Callable, compile: Callable[[], Callable], what: str):
+        self.eager, self.what = eager, what
+        try:
+            self.fn: Optional[Callable] = compile()
+        except Exception as e:  # noqa: BLE001
+            self._give_up(e)
+
+    def _give_up(self, e: Exception) -> None:
+        msg = " ".join(str(e).split())[:200]
+        warnings.warn(f"torch.compile of {self.what} failed ({type(e).__name__}: {msg}); running it eagerly",
+                      RuntimeWarning, stacklevel=3)
+        self.fn = None
+
+    def __call__(self, *args):
+        if self.fn is not None:
+            try:
+                return self.fn(*args)
+            except Exception as e:  # noqa: BLE001 - compiling failed: the eager function computes the same
+                self._give_up(e)
+        return self.eager(*args)
+
 
 # Inductor options for the step: decompose batch-1 matrix products into fused reductions.
 COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
@@ -39,18 +68,17 @@ def _compiled() -> Callable:
 
 class DecodeStep:
     """Callable (tok (B,), slot int) -> next-token logits (B, vocab): one generation's one-token
-    decode step on `cache`, through torch.compile when `compile` is set, else eager.
+    decode step on `cache`, through torch.compile when `compile` is set (eager if that fails).
 
     The token and slot are copied into tensors owned here, so every call sees the same input
-    tensors and the compiled graph is reused without recompiling. If compilation fails (no C++
-    compiler, an unsupported op), it warns once and runs the same step eagerly."""
+    tensors and the compiled graph is reused without recompiling."""
 
     def __init__(self, model, cache, compile: bool = False):
         device = model.tok_emb.weight.device
         self.model, self.cache = model, cache
         self.tok = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.fn: Optional[Callable] = _compiled() if compile else None
+        self.fn = CompiledOrEager(_decode_step, _compiled, "the decode step") if compile else _decode_step
         self.calls = 0
         if compile and cache.max_len > 1:  # (a length-1 axis is always specialised by dynamo)
             for tensor, dim in cache.length_axes():
@@ -59,21 +87,9 @@ class DecodeStep:
     def __call__(self, tok: torch.Tensor, slot: int) -> torch.Tensor:
         self.tok.copy_(tok.view(-1, 1))
         self.slot.fill_(slot)
-        if self.fn is not None and self.calls:
-            # Same tensors as the first call, whose full guard check picked (or compiled) this
-            # graph: skip re-evaluating the guards (~0.2-0.3 ms a token on a small CPU model).
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return self.fn(self.model, self.tok, self.cache, self.slot)
-        if self.fn is not None:
-            try:
-                out = self.fn(self.model, self.tok, self.cache, self.slot)
-                self.calls += 1
-                return out
-            except Exception as e:  # noqa: BLE001 - compiling failed: the eager step computes the same
-                if self.calls:
-                    raise
-                msg = " ".join(str(e).split())[:200]
-                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {msg}); "
-                              "decoding eagerly", RuntimeWarning, stacklevel=2)
-                self.fn = None
-        return _decode_step(self.model, self.tok, self.cache, self.slot)
+        # After the first call, whose full guard check picked (or compiled) the graph, the inputs
+        # are the same tensors: skip re-evaluating the guards (~0.2-0.3 ms a token on a small CPU model).
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if self.calls else nullcontext()
+        self.calls += 1
+        with stance:
+            return self.fn(self.model, self.tok, self.cache, self.slot)

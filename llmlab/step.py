@@ -4,12 +4,12 @@ benchmarks/train_speed.py times it beside a nanoGPT-equivalent step."""
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from llmlab.compiled import CompiledOrEager
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
 from llmlab.model import Transformer
@@ -83,27 +83,10 @@ class TrainStep:
 
 
 def compile_loss(model: Transformer, enabled: bool, device: str = "cpu"):
-    """The loss function, compiled when asked; a compile failure falls back to eager, never kills a run.
+    """The loss function, compiled when asked (eager if compiling fails: llmlab.compiled.CompiledOrEager).
     On CPU the graph runs through inductor's C++ wrapper: one C++ call instead of a Python function
     issuing every kernel, which matters most when shards on several threads share the GIL."""
     if not enabled:
         return model.loss
     options = {"cpp_wrapper": True} if device.startswith("cpu") else None
-    try:  # torch.compile itself can refuse (e.g. a Python version dynamo does not support)
-        compiled = torch.compile(model.loss, options=options)
-    except Exception as e:  # noqa: BLE001
-        print(f"llmlab: torch.compile unavailable ({type(e).__name__}: {e}); training without it", file=sys.stderr)
-        return model.loss
-    state = {"fn": compiled}
-
-    def call(x, y):
-        try:
-            return state["fn"](x, y)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: keep training eagerly
-            if state["fn"] is model.loss:
-                raise
-            print(f"llmlab: torch.compile failed ({type(e).__name__}); continuing without it", file=sys.stderr)
-            state["fn"] = model.loss
-            return model.loss(x, y)
-
-    return call
+    return CompiledOrEager(model.loss, lambda: torch.compile(model.loss, options=options), "the training loss")

@@ -158,7 +158,7 @@ def test_batch_threads_train_like_one_thread(tmp_path):
     torch.set_num_threads(threads)
 
 
-def test_compile_refused_at_setup_trains_eagerly(tmp_path, monkeypatch, capsys):
+def test_compile_refused_at_setup_trains_eagerly(tmp_path, monkeypatch):
     """torch.compile raising at once (not at the first call) falls back to eager too, with shards on."""
     def refuse(*a, **k):
         raise RuntimeError("dynamo does not support this Python")
@@ -167,8 +167,8 @@ def test_compile_refused_at_setup_trains_eagerly(tmp_path, monkeypatch, capsys):
     threads = torch.get_num_threads()
     one = dict(dropout=0.0, max_iters=5, eval_interval=5)
     train(args(tmp_path / "eager", **one))
-    train(args(tmp_path / "compiled", compile=True, batch_threads=2, **one))
-    assert "torch.compile unavailable" in capsys.readouterr().err
+    with pytest.warns(RuntimeWarning, match="torch.compile of the training loss failed.*dynamo does not support"):
+        train(args(tmp_path / "compiled", compile=True, batch_threads=2, **one))
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "eager").values(),
                                           losses(tmp_path / "compiled").values())) < 1e-4
     assert torch.get_num_threads() == threads
