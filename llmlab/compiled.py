@@ -80,6 +80,8 @@ class DecodeStep:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.fn = CompiledOrEager(_decode_step, _compiled, "the decode step") if compile else _decode_step
         self.calls = 0
+        self.compile = compile
+        cache.fused_decode = compile  # attention computes one-token steps as fused reductions
         if compile and cache.max_len > 1:  # (a length-1 axis is always specialised by dynamo)
             for tensor, dim in cache.length_axes():
                 torch._dynamo.mark_dynamic(tensor, dim)
@@ -89,7 +91,8 @@ class DecodeStep:
         self.slot.fill_(slot)
         # After the first call, whose full guard check picked (or compiled) the graph, the inputs
         # are the same tensors: skip re-evaluating the guards (~0.2-0.3 ms a token on a small CPU model).
-        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if self.calls else nullcontext()
+        skip = self.compile and self.calls
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if skip else nullcontext()
         self.calls += 1
         with stance:
             return self.fn(self.model, self.tok, self.cache, self.slot)

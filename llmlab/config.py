@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from llmlab.errors import LlmlabError
+from llmlab.registry import names
 
-# The kinds each field may take. A later rung adds a kind here and a module in llmlab/model/.
-ATTENTION_KINDS = ("mha",)  # multi-head (with n_kv_head < n_head: GQA / MQA)
-ATTN_BACKENDS = ("manual", "sdpa")
-POSITION_KINDS = ("learned", "sinusoidal", "rope", "none")
-NORM_KINDS = ("layernorm", "rmsnorm")
-MLP_KINDS = ("gelu", "gelu_tanh", "swiglu")
+# The kinds each of these fields may take are the names registered by the modules in llmlab/model/
+# (llmlab.registry): a later rung adds a module with `@register(...)`, and nothing else lists them.
+KIND_FIELDS = ("attention", "attn_backend", "position", "norm", "mlp")
+MLA_FIELDS = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 @dataclass
@@ -37,7 +36,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
     mlp: str = "gelu"
     use_cache: bool = True  # generate()'s default: reuse cached keys/values instead of recomputing
-    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific settings of later rungs
+    # Multi-head latent attention (attention="mla", DeepSeek-V2 §2.1); None: derived from head_size.
+    kv_lora_rank: Optional[int] = None  # d_c, the latent each token's keys and values are compressed to (4*hd)
+    q_lora_rank: Optional[int] = None  # d_c' of the query latent; None: full-rank queries
+    qk_nope_head_dim: Optional[int] = None  # per-head query/key width without position (hd)
+    qk_rope_head_dim: Optional[int] = None  # d_r, the decoupled rotary width (hd/2 with RoPE, else 0)
+    v_head_dim: Optional[int] = None  # per-head value width (hd)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,15 +68,33 @@ class ModelConfig:
     def has_qkv_bias(self) -> bool:
         return self.bias if self.qkv_bias is None else self.qkv_bias
 
+    # MLA sizes with their defaults (DeepSeek-V2 uses d_c = 4·d_h and d_r = d_h/2)
+    @property
+    def latent_dim(self) -> int:
+        return self.kv_lora_rank if self.kv_lora_rank is not None else 4 * self.head_size
+
+    @property
+    def nope_head_dim(self) -> int:
+        return self.qk_nope_head_dim if self.qk_nope_head_dim is not None else self.head_size
+
+    @property
+    def rope_head_dim(self) -> int:
+        if self.qk_rope_head_dim is not None:
+            return self.qk_rope_head_dim
+        return self.head_size // 2 if self.position == "rope" else 0
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim if self.v_head_dim is not None else self.head_size
+
     # ---- checks --------------------------------------------------------------------------
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise LlmlabError(msg)
 
-        for name, kinds in (("attention", ATTENTION_KINDS), ("attn_backend", ATTN_BACKENDS),
-                            ("position", POSITION_KINDS), ("norm", NORM_KINDS), ("mlp", MLP_KINDS)):
-            value = getattr(self, name)
+        for name in KIND_FIELDS:
+            value, kinds = getattr(self, name), names(name)
             need(value in kinds, f"unknown {name} {value!r}; choose one of: {', '.join(kinds)}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             need(int(getattr(self, name)) > 0, f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -84,8 +106,28 @@ class ModelConfig:
         need(self.kv_heads > 0 and self.n_head % self.kv_heads == 0,
              f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads}); "
              "use n_kv_head = n_head (MHA), a divisor of it (GQA) or 1 (MQA)")
+        if self.attention == "mla":
+            self._validate_mla(need)
+        else:
+            given = [f for f in MLA_FIELDS if getattr(self, f) is not None]
+            need(not given, f"{', '.join(given)} apply to attention='mla' only (this config has "
+                            f"attention={self.attention!r})")
+            if self.position == "rope":
+                need(self.head_size % 2 == 0, f"RoPE needs an even head size, got {self.head_size}")
+
+    def _validate_mla(self, need) -> None:
+        for name in MLA_FIELDS:
+            value = getattr(self, name)
+            low = 0 if name == "qk_rope_head_dim" else 1
+            need(value is None or (isinstance(value, int) and value >= low),
+                 f"{name} must be an integer >= {low} (or unset), got {value!r}")
+        need(self.n_kv_head is None, "attention='mla' has no key/value heads to share: leave n_kv_head unset "
+                                     "(its keys and values come from one latent per token, kv_lora_rank)")
+        need(self.nope_head_dim + self.rope_head_dim > 0, "MLA needs qk_nope_head_dim + qk_rope_head_dim > 0")
         if self.position == "rope":
-            need(self.head_size % 2 == 0, f"RoPE needs an even head size, got {self.head_size}")
+            need(self.rope_head_dim > 0 and self.rope_head_dim % 2 == 0,
+                 f"MLA with RoPE rotates a decoupled slice of qk_rope_head_dim channels, which must be even "
+                 f"and > 0 (got {self.rope_head_dim}); set qk_rope_head_dim, e.g. {max(2, self.head_size // 2)}")
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -94,6 +136,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        if d.get("extra") == {}:  # written by llmlab before the typed MLA fields replaced `extra`
+            d = {k: v for k, v in d.items() if k != "extra"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise LlmlabError(f"unknown model config field(s): {', '.join(unknown)}")

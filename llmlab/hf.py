@@ -118,8 +118,6 @@ def config_to_hf(cfg: ModelConfig):
     shape = f"position={cfg.position!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}"
     if cfg.attention != "mha":
         raise LlmlabError(f"cannot export to Hugging Face: attention={cfg.attention!r} has no HF equivalent")
-    if cfg.extra:
-        raise LlmlabError(f"cannot export to Hugging Face: extra settings {sorted(cfg.extra)} have no HF equivalent")
     no_ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # the model does not know them
     try:
         if cfg.position == "learned" and cfg.norm == "layernorm" and cfg.mlp in ("gelu", "gelu_tanh"):

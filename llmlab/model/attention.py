@@ -11,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.config import ModelConfig
-from llmlab.model.cache import KVCache
+from llmlab.model.cache import CacheView, KVCache
 from llmlab.model.positions import Rotary, apply_rope
+from llmlab.registry import lookup, register
 
 
 def causal_mask(t: int, s: int, device) -> torch.Tensor:
@@ -20,9 +21,11 @@ def causal_mask(t: int, s: int, device) -> torch.Tensor:
     return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
 
 
+@register("attn_backend", "manual")
 def manual_attention(q, k, v, mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
-    """q: (B, H, T, hd); k, v: (B, Hkv, S, hd) with H a multiple of Hkv; mask: additive (0 / -inf)
-    or boolean (True = attend), broadcastable to (B, H, T, S), or None for plain causal. Query heads are grouped onto their shared k/v head by a
+    """q, k: (B, H, T, hd), (B, Hkv, S, hd); v: (B, Hkv, S, hv) with H a multiple of Hkv; mask:
+    additive (0 / -inf) or boolean (True = attend), broadcastable to (B, H, T, S), or None for plain
+    causal. Scores are scaled by 1/√hd. Query heads are grouped onto their shared k/v head by a
     reshape + broadcast, so the shared heads are never copied."""
     b, h, t, hd = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -36,9 +39,10 @@ def manual_attention(q, k, v, mask: Optional[torch.Tensor], dropout_p: float) ->
     att = F.softmax(att, dim=-1)
     if dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)
-    return (att @ v.unsqueeze(2)).view(b, h, t, hd)
+    return (att @ v.unsqueeze(2)).view(b, h, t, v.shape[-1])
 
 
+@register("attn_backend", "sdpa")
 def sdpa_attention(q, k, v, mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
@@ -57,12 +61,19 @@ def decode_attention(q, k, v, mask: Optional[torch.Tensor]) -> torch.Tensor:
     if mask is not None:  # (B|1, 1, 1, S) additive
         scores = scores + mask.view(mask.shape[0], 1, 1, -1)
     p = F.softmax(scores, dim=-1)
-    return (p.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(b, h, 1, hd)
+    return (p.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(b, h, 1, v.shape[-1])
 
 
-BACKENDS = {"manual": manual_attention, "sdpa": sdpa_attention}
+def attend(backend: str, q, k, v, view: Optional[CacheView], dropout_p: float) -> torch.Tensor:
+    """The attention of q over k, v as the config's backend computes it; a one-token step of the
+    compiled decode (view.fused_decode) runs as fused reductions instead (same function)."""
+    mask = None if view is None else view.mask
+    if view is not None and view.fused_decode and q.shape[2] == 1 and dropout_p == 0.0:
+        return decode_attention(q, k, v, mask)
+    return lookup("attn_backend", backend)(q, k, v, mask, dropout_p)
 
 
+@register("attention", "mha")
 class CausalSelfAttention(nn.Module):
     """MHA when n_kv_head == n_head, GQA when it divides n_head, MQA when it is 1.
     One fused projection yields [q (H·hd) | k (Hkv·hd) | v (Hkv·hd)]."""
@@ -78,11 +89,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.backend = config.attn_backend
 
+    @staticmethod
+    def rotary_dim(config: ModelConfig) -> int:
+        return config.head_size  # RoPE rotates the whole of every q and k head
+
     def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache(batch, self.n_kv_head, max_len, self.head_dim, dtype, device)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary = None, mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, input_pos: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, rotary: Rotary = None, view: Optional[CacheView] = None, layer: int = 0):
         b, t, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
@@ -91,19 +105,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(b, t, self.n_kv_head, hd).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rope(q, *rotary), apply_rope(k, *rotary)
-        if cache is not None:
-            k, v = cache.update(input_pos, k, v)  # (B, Hkv, S, hd): every slot, masked by `mask`
-        dropout_p = self.dropout if self.training else 0.0
-        if t == 1 and cache is not None and dropout_p == 0.0 and torch.compiler.is_compiling():
-            y = decode_attention(q, k, v, mask)  # the compiled decode step (llmlab.compiled)
-        else:
-            y = BACKENDS[self.backend](q, k, v, mask, dropout_p)  # (B, H, T, hd)
+        if view is not None:  # (B, Hkv, S, hd): every slot, masked by view.mask
+            k, v = view.layers[layer].update(view.input_pos, k, v)
+        y = attend(self.backend, q, k, v, view, self.dropout if self.training else 0.0)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * hd)
         return self.resid_dropout(self.proj(y))
 
-
-ATTENTIONS = {"mha": CausalSelfAttention}
-
-
-def build_attention(config: ModelConfig) -> nn.Module:
-    return ATTENTIONS[config.attention](config)

@@ -11,7 +11,7 @@ decode step can keep the cache length dynamic (it forces nn.Module buffers' shap
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -38,6 +38,37 @@ class KVCache:
         return [(self.k, 2), (self.v, 2)]
 
 
+class LatentCache:
+    """One multi-head latent attention layer (DeepSeek-V2 MLA): per token only the normed latent
+    c_kv (d_c) and the rotated rope key k_pe (d_r, shared by all heads), stored side by side as
+    [c_kv | k_pe] in one (B, max_len, d_c + d_r) buffer (the layout FlashMLA's paged cache uses).
+    (d_c + d_r) values per token and layer, whatever the number of heads; keys and values are never
+    expanded here."""
+
+    def __init__(self, batch: int, max_len: int, latent_dim: int, rope_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None):
+        self.latent_dim = latent_dim
+        self.kv = torch.zeros(batch, max_len, latent_dim + rope_dim, dtype=dtype, device=device)
+
+    def update(self, input_pos: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Write kv (B, T, d_c + d_r) at slots input_pos (T,); return the whole buffer (B, S, d_c + d_r)."""
+        b = kv.shape[0]
+        self.kv[:b, input_pos] = kv
+        return self.kv[:b]
+
+    def length_axes(self) -> list[tuple[torch.Tensor, int]]:
+        return [(self.kv, 1)]
+
+
+class CacheView(NamedTuple):
+    """What one forward over a contiguous cache hands each attention layer: the layers' caches,
+    the slots the new tokens are written at, and what each row may see (an additive mask)."""
+    layers: list
+    input_pos: torch.Tensor  # (T,) slots
+    mask: torch.Tensor  # (B, 1, T, S): 0 where allowed, -inf elsewhere
+    fused_decode: bool  # compute one-token steps as fused reductions (set for the compiled step)
+
+
 class InferenceCache:
     """All layers' caches for one generation, plus each row's left padding.
 
@@ -50,6 +81,12 @@ class InferenceCache:
         self.batch, self.max_len = batch, max_len
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)
         self.slots = torch.arange(max_len, device=device)
+        self.fused_decode = False  # how a one-token step is computed, not what it computes
+
+    def begin(self, input_pos: torch.Tensor, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, CacheView]:
+        """One forward's bookkeeping: the (B, T) positions of its tokens and the view its layers use."""
+        mask = self.mask(input_pos, batch, dtype)
+        return self.positions(input_pos, batch), CacheView(self.layers, input_pos, mask, self.fused_decode)
 
     def set_padding(self, pad: Optional[torch.Tensor]) -> None:
         self.pad.zero_()

@@ -6,14 +6,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.config import ModelConfig
+from llmlab.registry import lookup, register
+
+# x / rms(x) * g (Llama); computed in fp32 inside torch
+register("norm", "rmsnorm")(lambda config: nn.RMSNorm(config.n_embd, eps=config.norm_eps))
+register("norm", "layernorm")(lambda config: nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias))
 
 
 def build_norm(config: ModelConfig) -> nn.Module:
-    if config.norm == "rmsnorm":  # x / rms(x) * g (Llama); computed in fp32 inside torch
-        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+    return lookup("norm", config.norm)(config)
 
 
+@register("mlp", "gelu", "gelu_tanh")
 class MLP(nn.Module):
     """GPT-2 feed-forward: proj(gelu(fc(x))). gelu_tanh is GPT-2's own tanh approximation."""
 
@@ -29,6 +33,7 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
+@register("mlp", "swiglu")
 class SwiGLU(nn.Module):
     """Llama feed-forward: down(silu(gate(x)) * up(x)). gate and up are one fused matmul (`fc`),
     gate rows first, so a Llama checkpoint maps by concatenating gate_proj and up_proj."""
@@ -45,8 +50,5 @@ class SwiGLU(nn.Module):
         return self.dropout(self.proj(F.silu(gate) * up))
 
 
-MLPS = {"gelu": MLP, "gelu_tanh": MLP, "swiglu": SwiGLU}
-
-
 def build_mlp(config: ModelConfig) -> nn.Module:
-    return MLPS[config.mlp](config)
+    return lookup("mlp", config.mlp)(config)

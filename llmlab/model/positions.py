@@ -1,7 +1,12 @@
 """Position encodings. Each kind either adds a vector to the token embeddings (`embed`) or rotates
 queries and keys inside attention (`rotary`); the model calls both and each kind does one of them.
 
-`pos` is a LongTensor of positions, shape (T,) shared by all rows or (B, T) per row.
+`pos` is a LongTensor of positions, shape (T,) shared by all rows or (B, T) per row. Tables that
+grow (sinusoidal, RoPE) are grown by the model before a forward (`ensure_length`, from Python ints:
+no device-to-host sync inside the forward, so it compiles as one graph).
+
+RoPE rotates as many channels as the attention kind asks for (`rotary_dim`): the whole head for
+multi-head attention, only the decoupled rope slice for multi-head latent attention.
 """
 from __future__ import annotations
 
@@ -12,14 +17,19 @@ import torch
 import torch.nn as nn
 
 from llmlab.config import ModelConfig
+from llmlab.registry import lookup, register
 
 Rotary = Optional[tuple[torch.Tensor, torch.Tensor]]  # (cos, sin), each (T, hd) or (B, 1, T, hd)
 
 
+@register("position", "none")
 class NoPositions(nn.Module):
     """No explicit positions (the causal mask alone orders tokens)."""
 
     max_positions: Optional[int] = None  # any length
+
+    def __init__(self, config: Optional[ModelConfig] = None, rotary_dim: int = 0):
+        super().__init__()
 
     def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return x
@@ -31,10 +41,11 @@ class NoPositions(nn.Module):
         pass
 
 
+@register("position", "learned")
 class LearnedPositions(NoPositions):
     """GPT-2 / nanoGPT: a trained (block_size, C) table; cannot go past block_size."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, rotary_dim: int = 0):
         super().__init__()
         self.max_positions = config.block_size
         self.weight = nn.Parameter(torch.randn(config.block_size, config.n_embd) * 0.02)
@@ -53,10 +64,11 @@ def sinusoidal_table(n: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
+@register("position", "sinusoidal")
 class SinusoidalPositions(NoPositions):
     """Fixed sinusoids, no parameters, any length (the table grows on demand, never saved)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, rotary_dim: int = 0):
         super().__init__()
         self.dim = config.n_embd
         self.register_buffer("table", sinusoidal_table(config.block_size, self.dim), persistent=False)
@@ -66,8 +78,6 @@ class SinusoidalPositions(NoPositions):
             self.table = sinusoidal_table(n, self.dim).to(self.table.device)
 
     def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            self.ensure_length(int(pos.max()) + 1)
         return x + self.table[pos].to(x.dtype)
 
 
@@ -88,13 +98,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+@register("position", "rope")
 class RotaryPositions(NoPositions):
     """RoPE: nothing added to embeddings; q and k are rotated by position-dependent angles so that
-    q·k depends only on the position difference. cos/sin tables are non-persistent buffers."""
+    q·k depends only on the position difference. cos/sin tables (rotary_dim wide) are
+    non-persistent buffers."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, rotary_dim: int):
         super().__init__()
-        self.dim, self.theta = config.head_size, config.rope_theta
+        self.dim, self.theta = rotary_dim, config.rope_theta
         cos, sin = rope_tables(config.block_size, self.dim, self.theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -105,21 +117,13 @@ class RotaryPositions(NoPositions):
             self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
 
     def rotary(self, pos: torch.Tensor) -> Rotary:
-        if not torch.compiler.is_compiling():
-            self.ensure_length(int(pos.max()) + 1)
         cos, sin = self.cos[pos], self.sin[pos]  # (T, hd) or (B, T, hd)
         if pos.dim() == 2:  # per-row positions: add the head axis -> (B, 1, T, hd)
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return cos, sin
 
 
-POSITIONS = {
-    "none": lambda c: NoPositions(),
-    "learned": LearnedPositions,
-    "sinusoidal": SinusoidalPositions,
-    "rope": RotaryPositions,
-}
-
-
-def build_positions(config: ModelConfig) -> NoPositions:
-    return POSITIONS[config.position](config)
+def build_positions(config: ModelConfig, rotary_dim: int) -> NoPositions:
+    """The config's position kind; `rotary_dim` is how many channels of q and k the attention kind
+    rotates (used by RoPE only)."""
+    return lookup("position", config.position)(config, rotary_dim)

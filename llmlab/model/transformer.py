@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
-from llmlab.model.attention import build_attention
+from llmlab.model import attention  # noqa: F401 - registers attention="mha" and the backends
 from llmlab.model.cache import InferenceCache
 from llmlab.model.layers import build_mlp, build_norm
 from llmlab.model.positions import build_positions
+from llmlab.registry import lookup
 
 
 class Block(nn.Module):
@@ -23,12 +24,12 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.norm1 = build_norm(config)
-        self.attn = build_attention(config)
+        self.attn = lookup("attention", config.attention)(config)
         self.norm2 = build_norm(config)
         self.mlp = build_mlp(config)
 
-    def forward(self, x, rotary=None, mask=None, cache=None, input_pos=None):
-        x = x + self.attn(self.norm1(x), rotary, mask, cache, input_pos)
+    def forward(self, x, rotary=None, view=None, layer: int = 0):
+        x = x + self.attn(self.norm1(x), rotary, view, layer)
         return x + self.mlp(self.norm2(x))
 
 
@@ -38,7 +39,7 @@ class Transformer(nn.Module):
         config.validate()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos = build_positions(config)
+        self.pos = build_positions(config, lookup("attention", config.attention).rotary_dim(config))
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = build_norm(config)
@@ -97,17 +98,17 @@ class Transformer(nn.Module):
             if limit is not None and t > limit:
                 raise LlmlabError(f"sequence length {t} exceeds block_size {limit}; "
                                   "crop the input (learned positions end there)")
+            self.pos.ensure_length(t)  # a Python int: no host sync in the (compiled) forward
             pos = torch.arange(t, device=idx.device)
-            mask = None  # plain causal: SDPA's is_causal / the manual tril mask
-        else:
+            view = None  # plain causal: SDPA's is_causal / the manual tril mask
+        else:  # the cache's tables were sized by new_cache
             if isinstance(input_pos, int) or input_pos is None:
                 input_pos = torch.arange(input_pos or 0, (input_pos or 0) + t, device=idx.device)
-            pos = cache.positions(input_pos, b)
-            mask = cache.mask(input_pos, b, self.tok_emb.weight.dtype)
+            pos, view = cache.begin(input_pos, b, self.tok_emb.weight.dtype)
         x = self.drop(self.pos.embed(self.tok_emb(idx), pos))
         rotary = self.pos.rotary(pos)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, mask, None if cache is None else cache.layers[i], input_pos)
+            x = block(x, rotary, view, i)
         return self.lm_head(self.norm_f(x))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
