@@ -30,9 +30,12 @@ import torch
 from llmlab.checkpoint import load, read_meta, resolve_checkpoint, save_checkpoint
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
+from llmlab.hf_deepseek import (config_from_deepseek, config_to_deepseek, rope_to_adjacent_pairs,
+                                rope_to_half_split)
+from llmlab.hf_deepseek import rows as deepseek_rows
 from llmlab.model import Transformer
 
-ARCHS = ("gpt2", "llama", "qwen2")
+ARCHS = ("gpt2", "llama", "qwen2", "deepseek_v2")
 GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "gelu_python": "gelu"}
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 Row = tuple[str, tuple[str, ...], bool]
@@ -88,6 +91,8 @@ def config_from_hf(c) -> ModelConfig:
             dropout=0.0, bias=True, tie_embeddings=bool(c.tie_word_embeddings), attention="mha",
             attn_backend="sdpa", position="learned", norm="layernorm", norm_eps=c.layer_norm_epsilon,
             mlp=GPT2_ACTS[act])
+    if arch == "deepseek_v2":  # MLA + RoPE + RMSNorm + SwiGLU (dense layers only)
+        return config_from_deepseek(c, _rope_theta(c))
     # llama / qwen2: pre-norm RMSNorm + RoPE + SwiGLU
     if c.hidden_act not in ("silu", "swish"):
         raise LlmlabError(f"{arch}: MLP activation {c.hidden_act!r} is not supported (only silu / SwiGLU)")
@@ -116,10 +121,12 @@ def config_to_hf(cfg: ModelConfig):
     """(model_type, HF config) for a ModelConfig, or LlmlabError naming what has no HF equivalent."""
     tf = _transformers()
     shape = f"position={cfg.position!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}"
-    if cfg.attention != "mha":
-        raise LlmlabError(f"cannot export to Hugging Face: attention={cfg.attention!r} has no HF equivalent")
     no_ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # the model does not know them
     try:
+        if cfg.attention == "mla":
+            return "deepseek_v2", config_to_deepseek(tf, cfg, no_ids)
+        if cfg.attention != "mha":
+            raise LlmlabError(f"cannot export to Hugging Face: attention={cfg.attention!r} has no HF equivalent")
         if cfg.position == "learned" and cfg.norm == "layernorm" and cfg.mlp in ("gelu", "gelu_tanh"):
             if cfg.kv_heads != cfg.n_head or cfg.head_size * cfg.n_head != cfg.n_embd:
                 raise LlmlabError("cannot export to Hugging Face GPT-2: it needs n_kv_head = n_head and "
@@ -150,8 +157,11 @@ def config_to_hf(cfg: ModelConfig):
 
 
 # ---- weights ------------------------------------------------------------------------------------
-def _rows(arch: str, n_layer: int) -> list[Row]:
+def _rows(arch: str, config: ModelConfig) -> list[Row]:
     """(our key, HF keys, transposed) for every tensor of one architecture."""
+    n_layer = config.n_layer
+    if arch == "deepseek_v2":
+        return deepseek_rows(n_layer, bool(config.q_lora_rank))
     if arch == "gpt2":
         rows: list[Row] = [("tok_emb.weight", ("transformer.wte.weight",), False),
                            ("pos.weight", ("transformer.wpe.weight",), False)]
@@ -267,9 +277,11 @@ def from_hf(path_or_model: Union[str, os.PathLike, Any], **overrides: Any) -> Tr
     config = config_from_hf(hf_model.config).replace(**overrides)
     model = Transformer(config)
     src = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}
+    if hf_model.config.model_type == "deepseek_v2":
+        src = rope_to_half_split(src, config)
     target = {k: v.shape for k, v in model.state_dict().items()}
     try:
-        weights = _remap(src, _rows(hf_model.config.model_type, config.n_layer), target, to_hf=False)
+        weights = _remap(src, _rows(hf_model.config.model_type, config), target, to_hf=False)
     except LlmlabError as e:
         raise LlmlabError(f"{e} (overrides: {', '.join(sorted(overrides))})" if overrides else str(e)) from None
     model.load_state_dict(weights)
@@ -284,11 +296,15 @@ def to_hf(model: Union[Transformer, str, os.PathLike], out_dir: Union[str, os.Pa
     if isinstance(model, (str, os.PathLike)):
         model = load(model)
     arch, hf_config = config_to_hf(model.config)
-    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[arch]
+    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+           "deepseek_v2": tf.DeepseekV2ForCausalLM}[arch]
     hf_model = cls(hf_config)  # randomly initialised, then every tensor is overwritten (strict load)
     target = {k: v.shape for k, v in hf_model.state_dict().items()}
     src = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    hf_model.load_state_dict(_remap(src, _rows(arch, model.config.n_layer), target, to_hf=True), strict=True)
+    weights = _remap(src, _rows(arch, model.config), target, to_hf=True)
+    if arch == "deepseek_v2":
+        weights = rope_to_adjacent_pairs(weights, model.config)
+    hf_model.load_state_dict(weights, strict=True)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LlmlabError(f"{out} exists and is not a directory")

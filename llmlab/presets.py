@@ -40,10 +40,15 @@ register("mqa", "kv_cache with multi-query attention: all query heads share 1 ke
          **CACHED | dict(n_kv_head=1))
 register("gqa", "kv_cache with grouped-query attention: 2 key/value heads shared by groups of query heads",
          **CACHED | dict(n_kv_head=2))
+register("naive_mla", "kv_cache with multi-head latent attention (DeepSeek-V2) without RoPE: keys/values from "
+         "one cached latent per token", **CACHED | dict(attention="mla", qk_rope_head_dim=0))
 register("sinusoidal", "kv_cache with fixed sinusoidal positions (Vaswani et al. 2017): no parameters, any length",
          **CACHED | dict(position="sinusoidal"))
 register("rope", "kv_cache with rotary positions (RoFormer): q and k rotated, relative by construction",
          **CACHED | dict(position="rope"))
+register("rope_mla", "DeepSeek-V2 MLA with decoupled RoPE: latent + shared rope key cached, absorbed decode; "
+         "RMSNorm, SwiGLU, untied", **CACHED | dict(attention="mla", position="rope", norm="rmsnorm",
+                                                    mlp="swiglu", bias=False, tie_embeddings=False))
 register("llama", "Llama architecture: RMSNorm, SwiGLU, RoPE, GQA, no biases, untied head",
          **CACHED | dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
                          tie_embeddings=False))

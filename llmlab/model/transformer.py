@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
-from llmlab.model import attention  # noqa: F401 - registers attention="mha" and the backends
+from llmlab.model import attention, mla  # noqa: F401 - register attention="mha", "mla" and the backends
 from llmlab.model.cache import InferenceCache
 from llmlab.model.layers import build_mlp, build_norm
 from llmlab.model.positions import build_positions

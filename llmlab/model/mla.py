@@ -1,0 +1,116 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2, arXiv 2405.04434 §2.1 and appendix C).
+
+Keys and values of every head come from one small latent per token, c_kv = RMSNorm(W_DKV x)
+(d_c wide), so the cache holds only c_kv, plus, with RoPE, one rotated rope key k_pe = RoPE(W_KR x)
+(d_r wide) shared by all heads: (d_c + d_r) values per token and layer instead of MHA's
+2·n_head·head_dim. Per head h:
+
+    k_h = [W_UK_h c_kv | k_pe],  v_h = W_UV_h c_kv,  q_h = [q_nope_h | RoPE(q_pe_h)]
+    score_h(s) = q_h · k_h(s) / √(d_nope + d_r)
+
+RoPE cannot be folded into the latent (its rotation depends on the position, which would tie W_UK
+to it), hence the decoupled rope slice. Training and prefill decompress keys and values (kv_up)
+and run the config's attention backend. A one-token decode step uses weight absorption
+(appendix C): q_nope_h · W_UK_h c = (W_UK_hᵀ q_nope_h) · c, so each head's query is folded into
+latent space and attends over the cached [c_kv | k_pe] rows directly, like multi-query attention
+with one (d_c + d_r)-wide key head whose value is the c_kv part; W_UV_h is applied after the
+weighted sum. The cache is never decompressed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmlab.config import ModelConfig
+from llmlab.model.attention import attend
+from llmlab.model.cache import CacheView, LatentCache
+from llmlab.model.positions import Rotary, apply_rope
+from llmlab.registry import register
+
+LATENT_EPS = 1e-6  # RMSNorm eps of the latents (DeepSeek-V2's, whatever the block norms use)
+
+
+@register("attention", "mla")
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, c = config.n_head, config.n_embd
+        self.n_head, self.d_c, self.d_r = h, config.latent_dim, config.rope_head_dim
+        self.d_nope, self.d_v = config.nope_head_dim, config.value_head_dim
+        q_dim = self.d_nope + self.d_r
+        self.scale = 1.0 / math.sqrt(q_dim)
+        if config.q_lora_rank:  # queries through their own latent: W_UQ RMSNorm(W_DQ x)
+            self.q_down = nn.Linear(c, config.q_lora_rank, bias=config.has_qkv_bias)
+            self.q_norm = nn.RMSNorm(config.q_lora_rank, eps=LATENT_EPS)
+            self.q_up = nn.Linear(config.q_lora_rank, h * q_dim, bias=False)
+        else:
+            self.q = nn.Linear(c, h * q_dim, bias=False)
+        self.kv_down = nn.Linear(c, self.d_c + self.d_r, bias=config.has_qkv_bias)  # [c_kv | k_pe]
+        self.kv_norm = nn.RMSNorm(self.d_c, eps=LATENT_EPS)
+        # rows per head: [W_UK_h (d_nope rows) | W_UV_h (d_v rows)], each (.., d_c)
+        self.kv_up = nn.Linear(self.d_c, h * (self.d_nope + self.d_v), bias=False)
+        self.proj = nn.Linear(h * self.d_v, c, bias=config.bias)
+        self.proj.residual_proj = True  # scaled init (see Transformer._init_weights)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.backend = config.attn_backend
+        self.absorb = True  # how one-token steps are computed (tests switch it off to compare)
+
+    @staticmethod
+    def rotary_dim(config: ModelConfig) -> int:
+        return config.rope_head_dim  # only the decoupled rope slice rotates
+
+    def new_cache(self, batch: int, max_len: int, dtype, device) -> LatentCache:
+        return LatentCache(batch, max_len, self.d_c, self.d_r, dtype, device)
+
+    def forward(self, x: torch.Tensor, rotary: Rotary = None, view: Optional[CacheView] = None, layer: int = 0):
+        b, t, _ = x.shape
+        q = self.q(x) if hasattr(self, "q") else self.q_up(self.q_norm(self.q_down(x)))
+        q_nope, q_pe = q.view(b, t, self.n_head, -1).transpose(1, 2).split([self.d_nope, self.d_r], dim=-1)
+        c_kv, k_pe = self.kv_down(x).split([self.d_c, self.d_r], dim=-1)  # (B, T, d_c), (B, T, d_r)
+        if rotary is not None and self.d_r:
+            q_pe = apply_rope(q_pe, *rotary)  # (B, H, T, d_r)
+            k_pe = apply_rope(k_pe.unsqueeze(1), *rotary).squeeze(1)  # one head, shared
+        kv = torch.cat([self.kv_norm(c_kv), k_pe], dim=-1)  # (B, T, d_c + d_r): what the cache keeps
+        if view is not None:
+            kv = view.layers[layer].update(view.input_pos, kv)  # (B, S, d_c + d_r)
+        dropout_p = self.dropout if self.training else 0.0
+        if view is not None and t == 1 and self.absorb and dropout_p == 0.0:
+            y = self.absorbed_attention(q_nope, q_pe, kv, view.mask)
+        else:
+            y = self.decompressed_attention(q_nope, q_pe, kv, view, dropout_p)
+        y = y.transpose(1, 2).reshape(b, t, self.n_head * self.d_v)  # (B, T, H·d_v)
+        return self.resid_dropout(self.proj(y))
+
+    def decompressed_attention(self, q_nope, q_pe, kv, view: Optional[CacheView], dropout_p: float):
+        """Keys and values of every head from the latents (training, prefill): (B, H, T, d_v)."""
+        b, s, _ = kv.shape
+        c_kv, k_pe = kv.split([self.d_c, self.d_r], dim=-1)
+        k_nope, v = self.kv_up(c_kv).view(b, s, self.n_head, -1).transpose(1, 2).split([self.d_nope, self.d_v], -1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(b, self.n_head, s, self.d_r)], dim=-1)
+        return attend(self.backend, torch.cat([q_nope, q_pe], dim=-1), k, v, view, dropout_p)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK (H, d_nope, d_c), W_UV (H, d_v, d_c)): views of kv_up, nothing copied."""
+        w = self.kv_up.weight.view(self.n_head, self.d_nope + self.d_v, self.d_c)
+        return w[:, : self.d_nope], w[:, self.d_nope:]
+
+    def absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """[W_UK_hᵀ q_nope_h | q_pe_h]: (B, H, T, d_c + d_r), a query against the cached rows."""
+        w_uk, _ = self.absorbed_weights()
+        return torch.cat([torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk), q_pe], dim=-1)
+
+    def absorbed_attention(self, q_nope, q_pe, kv, mask: Optional[torch.Tensor]):
+        """Attention over the latent rows kv (B, S, d_c + d_r) without decompressing them:
+        p = softmax(q_abs · kv_s · scale + mask), out_h = W_UV_h Σ_s p_s c_kv_s. (B, H, T, d_v)."""
+        _, w_uv = self.absorbed_weights()
+        scores = torch.einsum("bhtd,bsd->bhts", self.absorbed_query(q_nope, q_pe), kv) * self.scale
+        if mask is not None:  # (B, 1, T, S) additive
+            scores = scores + mask
+        p = F.softmax(scores, dim=-1, dtype=torch.float32).to(kv.dtype)
+        o_latent = torch.einsum("bhts,bsc->bhtc", p, kv[..., : self.d_c])  # (B, H, T, d_c)
+        return torch.einsum("bhtc,hvc->bhtv", o_latent, w_uv)
