@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 
 def from_hf(path_or_model, **overrides):
-    """An llmlab Transformer from a Hugging Face GPT-2 / Llama / Qwen2 directory or model."""
+    """An llmlab Transformer from a Hugging Face GPT-2 / Llama / Qwen2 / DeepSeek-V2 directory or model."""
     from llmlab.hf import from_hf as _from_hf
 
     return _from_hf(path_or_model, **overrides)

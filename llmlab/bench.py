@@ -18,11 +18,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-SHAPES = ("gpt2", "llama")
+from llmlab.registry import lookup
+
+SHAPES = ("gpt2", "llama", "deepseek")
 # The benchmark model: small enough that batch-1 decode is dominated by per-token overhead, which
 # is exactly what a KV cache and a lean decode loop are about.
 N_LAYER, N_EMBD, N_HEAD, VOCAB = 4, 256, 8, 512
 LLAMA_KV_HEADS, LLAMA_FFN = 2, 688
+# DeepSeek-V2 shape (MLA): latent d_c, rope d_r, per-head nope and value widths
+MLA_SIZES = dict(kv_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
 DECODE_STEPS = 64  # cached decode steps timed per context length
 HF_RUN, CACHED_RUN = "HF generate (DynamicCache)", "llmlab generate, cache"
 COMPILED_RUN, UNCACHED_RUN = "llmlab generate, cache + compile", "llmlab generate, no cache"
@@ -33,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmlab bench decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, default="gpt2",
                    help="gpt2: 4 layers, d 256, 8 heads, vocab 512; llama: the same with 2 KV heads, "
+                        "RoPE, RMSNorm, SwiGLU; deepseek: DeepSeek-V2 MLA (d_c 128, d_r 16, nope 32, v 32), "
                         "RoPE, RMSNorm, SwiGLU (default gpt2)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -70,11 +75,17 @@ def _hf_model(shape: str, max_len: int):
         cfg = transformers.GPT2Config(n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD, n_positions=max_len,
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
         model = transformers.GPT2LMHeadModel(cfg)
-    else:
+    elif shape == "llama":
         cfg = transformers.LlamaConfig(num_hidden_layers=N_LAYER, hidden_size=N_EMBD, num_attention_heads=N_HEAD,
                                        num_key_value_heads=LLAMA_KV_HEADS, intermediate_size=LLAMA_FFN,
                                        max_position_embeddings=max_len, **common)
         model = transformers.LlamaForCausalLM(cfg)
+    else:  # dense DeepSeek-V2: MLA in every layer, no MoE
+        cfg = transformers.DeepseekV2Config(num_hidden_layers=N_LAYER, hidden_size=N_EMBD, num_attention_heads=N_HEAD,
+                                            num_key_value_heads=N_HEAD, intermediate_size=LLAMA_FFN, q_lora_rank=None,
+                                            first_k_dense_replace=N_LAYER, max_position_embeddings=max_len,
+                                            **MLA_SIZES, **common)
+        model = transformers.DeepseekV2ForCausalLM(cfg)
     return model.eval()
 
 
@@ -104,10 +115,13 @@ def build_models(shape: str, max_len: int, want_hf: bool, seed: int):
     if shape == "gpt2":
         cfg = preset_config("kv_cache", n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD, vocab_size=VOCAB,
                             block_size=max_len, dropout=0.0, mlp="gelu_tanh")
-    else:
+    elif shape == "llama":
         cfg = preset_config("kv_cache", n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD, n_kv_head=LLAMA_KV_HEADS,
                             vocab_size=VOCAB, block_size=max_len, dropout=0.0, bias=False, position="rope",
                             norm="rmsnorm", mlp="swiglu", intermediate_size=LLAMA_FFN, tie_embeddings=False)
+    else:
+        cfg = preset_config("rope_mla", n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD, vocab_size=VOCAB,
+                            block_size=max_len, dropout=0.0, intermediate_size=LLAMA_FFN, **MLA_SIZES)
     return hf, Transformer(cfg).eval(), False, note
 
 
@@ -288,10 +302,12 @@ def cache_bytes_rows(extra: Optional[tuple[str, Any]] = None, max_len: int = 64)
         cache = model.new_cache(1, min(max_len, model.pos.max_positions or max_len))
         measured = cache.bytes_per_token()
         elem = model.tok_emb.weight.element_size()
-        formula = (2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * elem) if cfg.attention == "mha" else None
+        attn = lookup("attention", cfg.attention)  # each kind states what it caches per token
+        per_layer, formula_text = attn.cache_values_per_token(cfg), attn.cache_formula(cfg)
         out.append({"name": name, "attention": cfg.attention, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                    "kv_heads": cfg.kv_heads, "head_dim": cfg.head_size, "dtype": str(model.tok_emb.weight.dtype),
-                    "measured": measured, "formula": formula})
+                    "values_per_layer": per_layer, "formula_text": formula_text,
+                    "dtype": str(model.tok_emb.weight.dtype), "measured": measured,
+                    "formula": cfg.n_layer * per_layer * elem})
     return out
 
 
@@ -303,13 +319,12 @@ def table_cache_bytes(extra=None) -> list[dict[str, Any]]:
             rows.append([e["name"], "-", "-", "-", "-", "-", "skipped", e["skipped"]])
             continue
         f = e["formula"]
-        ok = "" if f is None else ("yes" if f == e["measured"] else "NO")
-        rows.append([e["name"], e["attention"], e["n_layer"], f"{e['n_head']}/{e['kv_heads']}", e["head_dim"],
-                     e["dtype"].replace("torch.", ""), _fmt(e["measured"]), ("n/a" if f is None else _fmt(f)) +
-                     (f" ({ok})" if ok else "")])
-    print_table("Table 3: KV cache bytes per token (measured from the allocated buffers vs "
-                "2*n_layer*n_kv_head*head_dim*bytes_per_element)",
-                ["model", "attention", "layers", "heads/kv", "head_dim", "dtype", "measured B/token",
+        ok = "yes" if f == e["measured"] else "NO"
+        rows.append([e["name"], e["attention"], e["n_layer"], e["formula_text"], e["values_per_layer"],
+                     e["dtype"].replace("torch.", ""), _fmt(e["measured"]), f"{_fmt(f)} ({ok})"])
+    print_table("Table 3: cache bytes per token (measured from the allocated buffers vs "
+                "n_layer * values per layer * bytes_per_element)",
+                ["model", "attention", "layers", "values/token/layer", "=", "dtype", "measured B/token",
                  "formula B/token"], rows)
     return entries
 
@@ -330,7 +345,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with _threads(ns.threads), torch.inference_mode():
         hf, model, shared, note = build_models(ns.shape, max_len, not ns.no_hf, ns.seed)
         print(f"llmlab bench decode: shape {ns.shape}, {N_LAYER} layers, d_model {N_EMBD}, {N_HEAD} heads"
-              f"{f' ({LLAMA_KV_HEADS} KV heads)' if ns.shape == 'llama' else ''}, vocab {VOCAB}, "
+              f"{f' ({LLAMA_KV_HEADS} KV heads)' if ns.shape == 'llama' else ''}"
+              f"{' (MLA: d_c 128, d_r 16, nope 32, v 32)' if ns.shape == 'deepseek' else ''}, vocab {VOCAB}, "
               f"max length {max_len}; torch {torch.__version__}, {torch.get_num_threads()} threads"
               + (f"; HF weights shared: {'yes' if shared else 'no'}" if hf is not None else "; no HF"))
         if note:

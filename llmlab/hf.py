@@ -1,4 +1,5 @@
-"""Hugging Face interop: GPT-2, Llama and Qwen2 checkpoints <-> the generic llmlab Transformer.
+"""Hugging Face interop: GPT-2, Llama, Qwen2 and DeepSeek-V2 (dense MLA, see hf_deepseek.py)
+checkpoints <-> the generic llmlab Transformer.
 
 Conversion is two small steps: the HF config becomes a ModelConfig (or the reverse), and the weights
 are renamed by one table per architecture. A table row is (our name, HF name(s), transposed?):

@@ -72,12 +72,17 @@ def test_decode_bench_help(capsys):
     assert "--shape" in capsys.readouterr().out
 
 
-def test_cache_bytes_per_token_equals_formula_for_mha_presets():
-    rows = bench.cache_bytes_rows()
-    mha = [r for r in rows if r.get("attention") == "mha"]
-    assert mha, rows
-    for r in mha:
-        assert r["measured"] == r["formula"] == 2 * r["n_layer"] * r["kv_heads"] * r["head_dim"] * 4, r
+def test_cache_bytes_per_token_equals_formula_for_every_preset():
+    """Measured bytes vs the formula written out here from each preset's config (fp32)."""
+    from llmlab import preset_config
+
+    rows = {r["name"]: r for r in bench.cache_bytes_rows()}
+    assert {"mqa", "gqa", "naive_mla", "rope_mla"} <= set(rows)
+    for name, r in rows.items():
+        c = preset_config(name, n_layer=bench.N_LAYER, n_embd=bench.N_EMBD, n_head=bench.N_HEAD)
+        per_layer = c.latent_dim + c.rope_head_dim if c.attention == "mla" else 2 * c.kv_heads * c.head_size
+        assert r["measured"] == r["formula"] == c.n_layer * per_layer * 4, r
+    assert rows["rope_mla"]["measured"] == 4 * (4 * 32 + 16) * 4  # d_c = 4*head_dim, d_r = head_dim/2
 
 
 def load_script(name: str):

@@ -93,6 +93,14 @@ class CausalSelfAttention(nn.Module):
     def rotary_dim(config: ModelConfig) -> int:
         return config.head_size  # RoPE rotates the whole of every q and k head
 
+    @staticmethod
+    def cache_values_per_token(config: ModelConfig) -> int:
+        return 2 * config.kv_heads * config.head_size  # a key and a value per shared head
+
+    @staticmethod
+    def cache_formula(config: ModelConfig) -> str:
+        return f"2*n_kv_head*head_dim = 2*{config.kv_heads}*{config.head_size}"
+
     def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache(batch, self.n_kv_head, max_len, self.head_dim, dtype, device)
 

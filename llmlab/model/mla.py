@@ -64,6 +64,14 @@ class MultiHeadLatentAttention(nn.Module):
     def rotary_dim(config: ModelConfig) -> int:
         return config.rope_head_dim  # only the decoupled rope slice rotates
 
+    @staticmethod
+    def cache_values_per_token(config: ModelConfig) -> int:
+        return config.latent_dim + config.rope_head_dim  # c_kv and k_pe, whatever n_head
+
+    @staticmethod
+    def cache_formula(config: ModelConfig) -> str:
+        return f"d_c + d_r = {config.latent_dim} + {config.rope_head_dim}"
+
     def new_cache(self, batch: int, max_len: int, dtype, device) -> LatentCache:
         return LatentCache(batch, max_len, self.d_c, self.d_r, dtype, device)
 
