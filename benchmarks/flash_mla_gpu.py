@@ -2,7 +2,7 @@
 
     python benchmarks/flash_mla_gpu.py                      # CUDA: check, sweep launch configs, time
     python benchmarks/flash_mla_gpu.py --batch 64 --lengths 4096 --s-q 1
-    TRITON_INTERPRET=1 python benchmarks/flash_mla_gpu.py --interpret --tiny   # CPU: correctness only
+    python benchmarks/flash_mla_gpu.py --interpret --tiny   # CPU, Triton's interpreter: correctness only
 
 Shapes are DeepSeek-V2-like: 128 heads, d_c 512 (= head_dim_v), d_r 64, blocks of 64 tokens,
 bf16. Every sequence of a batch has the given cache length; block tables are a random permutation
@@ -78,11 +78,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     if args.interpret:
-        os.environ["TRITON_INTERPRET"] = "1"  # read by Triton when the kernels are decorated
+        if "triton" in sys.modules:
+            raise SystemExit("flash_mla_gpu: triton was imported before --interpret could set TRITON_INTERPRET=1")
+        os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is first imported
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
         raise SystemExit("flash_mla_gpu: no CUDA device; nothing timed "
-                         "(TRITON_INTERPRET=1 ... --interpret --tiny checks correctness on CPU)")
+                         "(--interpret --tiny checks correctness on CPU)")
     else:
         device = torch.device("cuda")
     try:

@@ -21,6 +21,7 @@ that sees no token (seqlen == 0, or seqlen < s_q) gets out = 0 and lse = -inf.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -31,12 +32,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     _HAVE_TRITON = False
 
 
-def _interpreter_on() -> bool:
-    """Triton's own reading of TRITON_INTERPRET, taken live from the environment (knobs read
-    os.environ on every access; `triton.jit` consults it when it decorates, which is why the
-    kernels are decorated lazily, per mode, in flash_mla_triton._kernels)."""
-    if not _HAVE_TRITON:
-        return False
+def _env_interpret() -> bool:
+    """TRITON_INTERPRET as Triton reads it (its knobs read os.environ on every access)."""
     try:
         from triton import knobs
         return bool(knobs.runtime.interpret)
@@ -44,14 +41,42 @@ def _interpreter_on() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _triton_interpreted() -> bool:
+    """Whether Triton runs in interpreter mode in this process. Triton 3.x consults
+    TRITON_INTERPRET when `@triton.jit` decorates a function, and its own language helpers
+    (tl.cdiv, tl.max, tl.sum, ...) are decorated when triton.language is first imported: the
+    mode is fixed then, for the whole process. (Our kernels are decorated lazily in the same
+    mode, see flash_mla_triton._kernels.)"""
+    from triton.language import standard
+    from triton.runtime.jit import JITFunction
+    return not isinstance(standard.cdiv, JITFunction)
+
+
+_warned = False
+
+
 def flash_mla_path(device: torch.device | str) -> str:
-    """Which implementation `flash_mla_decode` uses for tensors on `device`:
-    "triton" (compiled, CUDA), "triton-interpret" (Triton's CPU interpreter) or "reference"."""
+    """Which implementation `flash_mla_decode` uses for tensors on `device`: "triton" (compiled,
+    CUDA), "triton-interpret" (Triton's interpreter) or "reference" (PyTorch).
+    CPU tensors take the interpreter only when TRITON_INTERPRET=1 is set now AND was set when
+    triton was first imported (otherwise the interpreter cannot run; this warns once and uses the
+    reference). In a process whose Triton is in interpreter mode, CUDA tensors use it too: the
+    compiler cannot run there."""
+    global _warned
     if not _HAVE_TRITON:
         return "reference"
-    if _interpreter_on():
-        return "triton-interpret"
-    return "triton" if torch.device(device).type == "cuda" else "reference"
+    interpreted = _triton_interpreted()
+    if torch.device(device).type == "cuda":
+        return "triton-interpret" if interpreted else "triton"
+    if not _env_interpret():
+        return "reference"
+    if not interpreted:
+        if not _warned:
+            warnings.warn("TRITON_INTERPRET=1 was set after triton was imported, too late for Triton's "
+                          "interpreter (set it before Python starts); flash_mla_decode uses the PyTorch reference")
+            _warned = True
+        return "reference"
+    return "triton-interpret"
 
 
 def check_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v) -> None:

@@ -20,9 +20,9 @@ Stage 2, `_mla_merge_kernel`: one program per (row, sequence) merges the splits 
     lse = log sum_s exp(lse_s),   out = sum_s exp(lse_s - lse) * out_s
 (each out_s is normalised within its split, so exp(lse_s - lse) is the split's share of the mass).
 
-Kernels are plain functions decorated by `triton.jit` on first use, once per mode: `triton.jit`
-decides interpreter-or-compiler when it decorates (from TRITON_INTERPRET), so decorating at import
-would freeze whatever the variable was then.
+Kernels are plain functions wrapped on first use, for the interpreter or the compiler as
+flash_mla_path decides: `@triton.jit` at import would pick the mode from TRITON_INTERPRET at that
+moment, which need not be Triton's mode (fixed when triton.language was imported).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmlab.kernels.flash_mla import _interpreter_on, check_inputs
+from llmlab.kernels.flash_mla import check_inputs, flash_mla_path
 
 # Untuned defaults (never run on a GPU yet; benchmarks/flash_mla_gpu.py sweeps alternatives):
 # 16 rows x 512 fp32 accumulator per program, 32-token tiles (32 x 576 bf16 = 36 KB per stage).
@@ -157,12 +157,16 @@ def _mla_merge_kernel(
 _KERNELS: dict[bool, tuple] = {}
 
 
-def _kernels():
-    """(split, merge) kernels decorated for the current mode (interpreter or compiler)."""
-    mode = _interpreter_on()
-    if mode not in _KERNELS:
-        _KERNELS[mode] = (triton.jit(_mla_split_kernel), triton.jit(_mla_merge_kernel))
-    return _KERNELS[mode]
+def _kernels(interpret: bool):
+    """(split, merge) kernels for the interpreter or the compiler, decorated on first use and
+    explicitly (`triton.jit` would pick the mode from the environment at that moment)."""
+    if interpret not in _KERNELS:
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction as wrap
+        else:
+            from triton.runtime.jit import JITFunction as wrap
+        _KERNELS[interpret] = (wrap(_mla_split_kernel), wrap(_mla_merge_kernel))
+    return _KERNELS[interpret]
 
 
 def choose_num_splits(batch: int, n_row_groups: int, max_tiles: int, num_sms: int) -> int:
@@ -188,7 +192,11 @@ def flash_mla_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     """The Triton implementation of `flash_mla_decode` (same arguments and results); the keyword
     knobs override the launch configuration (for tests and tuning)."""
     check_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v)
-    interp = _interpreter_on()
+    path = flash_mla_path(q.device)
+    if path == "reference":
+        raise RuntimeError("the Triton kernel needs CUDA tensors, or Triton's interpreter: TRITON_INTERPRET=1 "
+                           "set before triton is imported")
+    interp = path == "triton-interpret"
     b, s_q, h, d = q.shape
     page = kv_cache.shape[1]
     dv, dr = head_dim_v, d - head_dim_v
@@ -221,7 +229,7 @@ def flash_mla_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     else:
         o_part = _empty(b, rows, num_splits, dvp, dtype=torch.float32, device=q.device)
         l_part = _empty(b, rows, num_splits, dtype=torch.float32, device=q.device)
-    split_kernel, merge_kernel = _kernels()
+    split_kernel, merge_kernel = _kernels(interp)
     # fp32 inputs: true fp32 dots ("ieee"; the default tf32 would cost ~1e-3 relative error).
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     launch = {} if interp else dict(num_warps=num_warps or GPU_DEFAULTS["num_warps"],
