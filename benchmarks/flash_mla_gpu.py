@@ -3,6 +3,7 @@
     python benchmarks/flash_mla_gpu.py                      # CUDA: check, sweep launch configs, time
     python benchmarks/flash_mla_gpu.py --batch 64 --lengths 4096 --s-q 1
     python benchmarks/flash_mla_gpu.py --interpret --tiny   # CPU, Triton's interpreter: correctness only
+    python benchmarks/flash_mla_gpu.py --compile-only       # no GPU: compile every config for sm_90
 
 Shapes are DeepSeek-V2-like: 128 heads, d_c 512 (= head_dim_v), d_r 64, blocks of 64 tokens,
 bf16. Every sequence of a batch has the given cache length; block tables are a random permutation
@@ -21,6 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+
+# Launch configurations tried (the first is the default); all fit sm_90's shared memory (--compile-only).
+CONFIGS = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st) for bm, bn, w, st in
+           [(16, 32, 4, 2), (32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2), (16, 64, 4, 1), (64, 64, 8, 1)]]
 
 
 def make_inputs(batch, length, s_q, heads, d_c, d_r, dtype, device, block=64, seed=0):
@@ -75,7 +81,18 @@ def main(argv=None) -> None:
     ap.add_argument("--s-q", default="1,2")
     ap.add_argument("--heads", type=int, default=128)
     ap.add_argument("--no-sweep", action="store_true", help="time only the default launch configuration")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="no GPU needed: compile the kernels for --arch (down to a cubin) in every swept configuration")
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only (90: H100/H200)")
     args = ap.parse_args(argv)
+    if args.compile_only:
+        from llmlab.kernels.flash_mla_triton import compile_for_gpu
+
+        for cfg in CONFIGS:
+            for splits in (1, 4):
+                res = compile_for_gpu(args.arch, **cfg, num_splits=splits)
+                print(f"sm_{args.arch} bf16 splits {splits} {cfg}: compiled, {res['shared']:,} B shared memory")
+        return
 
     if args.interpret:
         if "triton" in sys.modules:
@@ -93,7 +110,7 @@ def main(argv=None) -> None:
         raise SystemExit("flash_mla_gpu: triton is not installed (pip install -e '.[kernels]')")
 
     if args.tiny:
-        shapes = [(1, 1, 1, 4), (3, 130, 2, 8), (2, 64, 1, 16)]
+        shapes = [(1, 1, 1, 4), (3, 130, 2, 8)]
         for dt in (torch.float32, torch.bfloat16):
             check(device, dt, shapes, d_c=32, d_r=16, splits_list=[1, 3, None])
         print("flash_mla_gpu: tiny correctness check passed (interpreter)" if args.interpret
@@ -107,7 +124,7 @@ def main(argv=None) -> None:
 def run_gpu(args, device) -> None:
     import triton.testing
 
-    from llmlab.kernels.flash_mla_triton import GPU_DEFAULTS, flash_mla_triton
+    from llmlab.kernels.flash_mla_triton import flash_mla_triton
 
     d_c, d_r, dt = 512, 64, torch.bfloat16
     print(f"device {torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}")
@@ -116,10 +133,8 @@ def run_gpu(args, device) -> None:
     copy_bw = copy_bandwidth(device)
     print(f"device-to-device copy: {copy_bw:,.0f} GB/s (read + write)")
 
-    configs = [dict(GPU_DEFAULTS)]
-    if not args.no_sweep:  # untuned kernel: try a few launch configurations, report the best
-        configs += [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
-                    for bm, bn, w, st in [(32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2), (16, 64, 4, 1), (64, 64, 8, 1)]]
+    # untuned kernel: try a few launch configurations, report the best
+    configs = CONFIGS[:1] if args.no_sweep else CONFIGS
     print(f"\n{'batch':>5} {'len':>5} {'s_q':>3} {'us':>9} {'GB/s':>8} {'TFLOP/s':>8} {'of copy':>8}  config")
     for s_q in [int(x) for x in args.s_q.split(",")]:
         for batch in [int(x) for x in args.batch.split(",")]:

@@ -331,3 +331,17 @@ def test_gpu_benchmark_tiny_cpu_path():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "tiny correctness check passed" in run.stdout and "FAIL" not in run.stdout
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_kernels_compile_for_sm90_without_gpu():
+    """The compiler path the interpreter never takes: both kernels (bf16, 4 splits, default launch
+    config) compiled for sm_90 down to a cubin, within the 227 KB of shared memory a block can use."""
+    triton = pytest.importorskip("triton")
+    if flash_mla._triton_interpreted():
+        pytest.skip("this process's Triton is in interpreter mode: it cannot compile")
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    from llmlab.kernels.flash_mla_triton import compile_for_gpu
+
+    assert compile_for_gpu(90, "bf16", num_splits=4)["shared"] <= 227 * 1024

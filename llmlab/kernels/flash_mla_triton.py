@@ -169,6 +169,34 @@ def _kernels(interpret: bool):
     return _KERNELS[interpret]
 
 
+def compile_for_gpu(arch: int = 90, dtype: str = "bf16", d_c: int = 512, d_r: int = 64, page: int = 64,
+                    num_splits: int = 4, **config) -> dict:
+    """Compile both kernels ahead of time for CUDA compute capability `arch` (90 = H100/H200)
+    down to a cubin, with no GPU (Triton ships ptxas): catches the compiler-only failures the
+    interpreter cannot see (dot shapes, layouts, shared memory). Returns the split kernel's
+    {"shared": bytes of shared memory, "config": launch configuration}."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    cfg = {**GPU_DEFAULTS, **config}
+    target = GPUTarget("cuda", arch, 32)
+    ints = ["stride_qb", "stride_qs", "stride_qh", "stride_kvb", "stride_kvt", "stride_btb",
+            "stride_ob", "stride_os", "stride_oh", "stride_lb", "stride_lh", "H", "R", "SQ"]
+    sig = dict(Q="*" + dtype, KV="*" + dtype, BT="*i32", SEQ="*i32", O_PART="*fp32", L_PART="*fp32",
+               OUT="*" + dtype, LSE="*fp32", **{n: "i32" for n in ints}, scale_log2="fp32")
+    const = dict(DV=d_c, DR=d_r, DVP=_pow2(d_c), DRP=_pow2(d_r), PAGE=page, BLOCK_N=cfg["block_n"],
+                 BLOCK_M=cfg["block_m"], NUM_SPLITS=num_splits, CAUSAL=True, DIRECT=num_splits == 1,
+                 DOT_FP32=False, PREC="ieee" if dtype == "fp32" else "tf32")
+    split = triton.compile(ASTSource(JITFunction(_mla_split_kernel), {**sig, **{k: "constexpr" for k in const}}, const),
+                           target=target, options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    msig = dict(O_PART="*fp32", L_PART="*fp32", OUT="*" + dtype, LSE="*fp32", **{n: "i32" for n in ints[6:13]})
+    mconst = dict(DV=d_c, DVP=_pow2(d_c), NUM_SPLITS=num_splits, SP=_pow2(num_splits, floor=2))
+    triton.compile(ASTSource(JITFunction(_mla_merge_kernel), {**msig, **{k: "constexpr" for k in mconst}}, mconst),
+                   target=target, options=dict(num_warps=4))
+    return {"shared": split.metadata.shared, "config": cfg}
+
+
 def choose_num_splits(batch: int, n_row_groups: int, max_tiles: int, num_sms: int) -> int:
     """Split-KV heuristic. Without splits the grid has batch * n_row_groups programs; a small batch
     leaves most SMs idle while each program walks the whole sequence. Aim for ~2 programs per SM
