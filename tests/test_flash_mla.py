@@ -141,12 +141,12 @@ def test_interp_kernel_non_causal_and_sub_page_tiles(interpret):
     assert_close(out, lse, *naive(q, kv, table, lens, DC, 0.2, False), 1e-4)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_interp_kernel_matches_reference_bf16(interpret, splits):
-    q, kv, table, lens = make_case([65, 130, 7], 4, 2, dtype=torch.bfloat16, seed=5)
+@pytest.mark.parametrize("dtype,splits", [(torch.bfloat16, 1), (torch.bfloat16, 3), (torch.float16, 2)])
+def test_interp_kernel_matches_reference_half(interpret, dtype, splits):
+    q, kv, table, lens = make_case([65, 130, 7], 4, 2, dtype=dtype, seed=5)
     out, lse = interpret.flash_mla_triton(q, kv, table, lens, DC, 0.25, num_splits=splits)
     ref_out, ref_lse = flash_mla_reference(q, kv, table, lens, DC, 0.25)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     assert_close(out, lse, ref_out, ref_lse, 1e-2)
 
 
@@ -222,6 +222,8 @@ def test_input_errors():
         flash_mla_reference(q, kv, table.long(), lens, DC, 0.3)
     with pytest.raises(ValueError, match="last dim"):
         flash_mla_reference(q[..., :-1], kv, table, lens, DC, 0.3)
+    with pytest.raises(ValueError, match="exceeds its block table"):
+        flash_mla_reference(q, kv, table, torch.tensor([BS + 1], dtype=torch.int32), DC, 0.3)
 
 
 # ---------------------------------------------------------------- paged cache

@@ -115,6 +115,8 @@ def flash_mla_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     for i, n in enumerate(cache_seqlens.tolist()):
         if n <= 0:
             continue
+        if n > block_table.shape[1] * bs:
+            raise ValueError(f"sequence {i}: length {n} exceeds its block table ({block_table.shape[1]} blocks of {bs})")
         blocks = block_table[i, : -(-n // bs)].long()
         kv = kv_cache[blocks].reshape(-1, d)[:n].float()  # (n, D) this sequence's rows, in order
         s = torch.einsum("qhd,nd->hqn", q[i].float(), kv) * softmax_scale  # (H, s_q, n)
@@ -136,7 +138,8 @@ def flash_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     """Absorbed-MLA decode attention over a paged latent cache (FlashMLA's interface).
 
     q (B, s_q, H, D), kv_cache (num_blocks, block_size, D), block_table (B, max_blocks) int32,
-    cache_seqlens (B,) int32 (tokens per sequence, including the s_q new ones).
+    cache_seqlens (B,) int32 (tokens per sequence, including the s_q new ones; each at most
+    max_blocks * block_size: the kernel does not check this, to avoid a device-to-host sync).
     Returns out (B, s_q, H, head_dim_v) in q's dtype and lse (B, H, s_q) float32.
     `num_splits` (Triton path only) overrides the split-KV heuristic."""
     path = flash_mla_path(q.device)
