@@ -114,7 +114,7 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rope(q, *rotary), apply_rope(k, *rotary)
         if view is not None:  # (B, Hkv, S, hd): every slot, masked by view.mask
-            k, v = view.layers[layer].update(view.input_pos, k, v)
+            k, v = view.update(layer, k, v)
         y = attend(self.backend, q, k, v, view, self.dropout if self.training else 0.0)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * hd)
         return self.resid_dropout(self.proj(y))

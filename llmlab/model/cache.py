@@ -61,12 +61,22 @@ class LatentCache:
 
 
 class CacheView(NamedTuple):
-    """What one forward over a contiguous cache hands each attention layer: the layers' caches,
-    the slots the new tokens are written at, and what each row may see (an additive mask)."""
+    """What one forward over a cache hands each attention layer. The interface every cache's view
+    offers (this contiguous one and llmlab.model.paged_cache.PagedView):
+
+    * `update(layer, *new)`: store the new tokens' tensors of one layer; return, per row, every
+      stored one (B, ..., S, ...), which the layer attends over with
+    * `mask`: (B, 1, T, S) additive, 0 where a query may see a stored token, -inf elsewhere;
+    * `paged`: None here; a paged cache (block table + lengths) for kernels that read it directly;
+    * `fused_decode`: compute one-token steps as fused reductions (set for the compiled step)."""
     layers: list
     input_pos: torch.Tensor  # (T,) slots
-    mask: torch.Tensor  # (B, 1, T, S): 0 where allowed, -inf elsewhere
-    fused_decode: bool  # compute one-token steps as fused reductions (set for the compiled step)
+    mask: torch.Tensor
+    fused_decode: bool
+    paged = None
+
+    def update(self, layer: int, *new: torch.Tensor):
+        return self.layers[layer].update(self.input_pos, *new)
 
 
 class InferenceCache:
