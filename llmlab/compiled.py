@@ -74,6 +74,8 @@ class DecodeStep:
     tensors and the compiled graph is reused without recompiling."""
 
     def __init__(self, model, cache, compile: bool = False):
+        # a paged cache decodes through its own fused kernel: nothing for torch.compile to fuse
+        compile = compile and getattr(cache, "compilable", True)
         device = model.tok_emb.weight.device
         self.model, self.cache = model, cache
         self.tok = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)

@@ -106,6 +106,9 @@ class ModelConfig:
         need(self.kv_heads > 0 and self.n_head % self.kv_heads == 0,
              f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads}); "
              "use n_kv_head = n_head (MHA), a divisor of it (GQA) or 1 (MQA)")
+        need(self.attn_backend != "flash_mla" or self.attention == "mla",
+             "attn_backend='flash_mla' is the paged latent-cache kernel of attention='mla' (e.g. preset rope_mla); "
+             f"this config has attention={self.attention!r}")
         if self.attention == "mla":
             self._validate_mla(need)
         else:

@@ -49,6 +49,8 @@ register("rope", "kv_cache with rotary positions (RoFormer): q and k rotated, re
 register("rope_mla", "DeepSeek-V2 MLA with decoupled RoPE: latent + shared rope key cached, absorbed decode; "
          "RMSNorm, SwiGLU, untied", **CACHED | dict(attention="mla", position="rope", norm="rmsnorm",
                                                     mlp="swiglu", bias=False, tie_embeddings=False))
+register("flash_mla", "rope_mla decoding through a paged latent cache (blocks of 64) and a fused Triton "
+         "MLA decode kernel (FlashMLA-style)", **PRESETS["rope_mla"].fields | dict(attn_backend="flash_mla"))
 register("llama", "Llama architecture: RMSNorm, SwiGLU, RoPE, GQA, no biases, untied head",
          **CACHED | dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
                          tie_embeddings=False))

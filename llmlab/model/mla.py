@@ -26,12 +26,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.config import ModelConfig
-from llmlab.model.attention import attend
+from llmlab.model.attention import attend, sdpa_attention
 from llmlab.model.cache import CacheView, LatentCache
+from llmlab.model.paged_cache import PagedInferenceCache
 from llmlab.model.positions import Rotary, apply_rope
 from llmlab.registry import register
 
 LATENT_EPS = 1e-6  # RMSNorm eps of the latents (DeepSeek-V2's, whatever the block norms use)
+
+# The flash_mla rung: dense attention (training, prefill) is SDPA; its caches are paged and its
+# one-token decode steps run llmlab.kernels.flash_mla_decode over the paged latent rows.
+register("attn_backend", "flash_mla")(sdpa_attention)
 
 
 @register("attention", "mla")
@@ -59,6 +64,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.backend = config.attn_backend
         self.absorb = True  # how one-token steps are computed (tests switch it off to compare)
+        self.paged = config.attn_backend == "flash_mla"  # cache kind: paged blocks, decode by kernel
 
     @staticmethod
     def rotary_dim(config: ModelConfig) -> int:
@@ -75,6 +81,9 @@ class MultiHeadLatentAttention(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype, device) -> LatentCache:
         return LatentCache(batch, max_len, self.d_c, self.d_r, dtype, device)
 
+    def new_paged_cache(self, n_layer: int, batch: int, max_len: int, dtype, device) -> PagedInferenceCache:
+        return PagedInferenceCache(n_layer, batch, max_len, self.d_c + self.d_r, dtype, device)
+
     def forward(self, x: torch.Tensor, rotary: Rotary = None, view: Optional[CacheView] = None, layer: int = 0):
         b, t, _ = x.shape
         q = self.q(x) if hasattr(self, "q") else self.q_up(self.q_norm(self.q_down(x)))
@@ -84,12 +93,16 @@ class MultiHeadLatentAttention(nn.Module):
             q_pe = apply_rope(q_pe, *rotary)  # (B, H, T, d_r)
             k_pe = apply_rope(k_pe.unsqueeze(1), *rotary).squeeze(1)  # one head, shared
         kv = torch.cat([self.kv_norm(c_kv), k_pe], dim=-1)  # (B, T, d_c + d_r): what the cache keeps
-        if view is not None:
-            kv = view.layers[layer].update(view.input_pos, kv)  # (B, S, d_c + d_r)
         dropout_p = self.dropout if self.training else 0.0
-        if view is not None and t == 1 and self.absorb and dropout_p == 0.0:
+        if view is not None and view.paged is not None and t == 1 and dropout_p == 0.0:
+            view.store(layer, kv)  # the kernel reads the pool through the block table
+            y = self.paged_attention(q_nope, q_pe, view.paged, layer)
+        elif view is not None and t == 1 and self.absorb and dropout_p == 0.0:
+            kv = view.update(layer, kv)  # (B, S, d_c + d_r), every stored token of each row
             y = self.absorbed_attention(q_nope, q_pe, kv, view.mask)
         else:
+            if view is not None:
+                kv = view.update(layer, kv)
             y = self.decompressed_attention(q_nope, q_pe, kv, view, dropout_p)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * self.d_v)  # (B, T, H·d_v)
         return self.resid_dropout(self.proj(y))
@@ -122,3 +135,14 @@ class MultiHeadLatentAttention(nn.Module):
         p = F.softmax(scores, dim=-1, dtype=torch.float32).to(kv.dtype)
         o_latent = torch.einsum("bhts,bsc->bhtc", p, kv[..., : self.d_c])  # (B, H, T, d_c)
         return torch.einsum("bhtc,hvc->bhtv", o_latent, w_uv)
+
+    def paged_attention(self, q_nope, q_pe, pages, layer: int):
+        """The absorbed one-token step through the fused paged kernel (FlashMLA's interface):
+        q (B, 1, H, d_c + d_r) against the layer's pool; out (B, 1, H, d_c) is still latent."""
+        from llmlab.kernels import flash_mla_decode  # Triton is imported on first use only
+
+        _, w_uv = self.absorbed_weights()
+        q = self.absorbed_query(q_nope, q_pe).transpose(1, 2).contiguous()
+        kv_cache, table, lens = pages.kernel_args(layer, q.shape[0])
+        out, _ = flash_mla_decode(q, kv_cache, table, lens, self.d_c, self.scale, causal=True)
+        return torch.einsum("bthc,hvc->bhtv", out, w_uv)  # (B, H, 1, d_v)

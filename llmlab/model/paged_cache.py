@@ -123,3 +123,79 @@ class PagedLatentCache:
         """Bytes the pool holds per cached token (all layers), measured from the allocated pool:
         n_layer * width * element size; e.g. DeepSeek-V2's 512 + 64 channels in bf16: 1,152 per layer."""
         return self.pool.numel() * self.pool.element_size() // (self.pool.shape[1] * self.block_size)
+
+
+class PagedView:
+    """One forward's view of a PagedInferenceCache, with the interface of cache.CacheView:
+    `update` stores the new latents and returns each row's stored ones gathered into (B, S, W)
+    (prefill, decompressed attention), `store` only stores them (the paged decode reads the pool
+    itself), `mask` says what each query sees, `paged` is the PagedLatentCache for the kernel."""
+
+    fused_decode = False
+
+    def __init__(self, cache: "PagedInferenceCache", positions: torch.Tensor, lengths: torch.Tensor):
+        self.cache, self.paged = cache, cache.pages
+        self.positions = positions  # (B, T) each new token's position in its row; < 0: left padding
+        self.batch, s = positions.shape[0], int(lengths.max())
+        seen = torch.arange(s, device=positions.device)[None, None, :]  # (1, 1, S)
+        allowed = (seen <= positions.clamp_min(0)[:, :, None]) & (seen < lengths[:, None, None])
+        blocked = torch.full((), float("-inf"), dtype=cache.dtype, device=positions.device)
+        self.mask = torch.where(allowed, 0.0, blocked).to(cache.dtype).unsqueeze(1)  # (B, 1, T, S)
+        self.span = s
+
+    def store(self, layer: int, kv: torch.Tensor) -> None:
+        """Scatter the new tokens' rows (B, T, W) to their blocks; padding is not stored."""
+        pages, bs = self.paged, self.paged.block_size
+        rows = torch.arange(self.batch, device=kv.device)[:, None].expand_as(self.positions)
+        pos, new = self.positions, kv
+        if pos.shape[1] > 1:  # a prefill may hold left padding: keep the real tokens only
+            real = pos >= 0
+            rows, pos, new = rows[real], pos[real], kv[real]
+        blocks = pages.block_table[rows, pos // bs].long()
+        pages.pool[layer, blocks, pos % bs] = new.to(pages.pool.dtype)
+
+    def update(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        self.store(layer, kv)
+        pages, bs = self.paged, self.paged.block_size
+        j = torch.arange(self.span, device=kv.device)
+        blocks = pages.block_table[: self.batch, j // bs].long()  # (B, S)
+        return pages.pool[layer][blocks, j % bs]  # (B, S, W); rows past a length are masked
+
+
+class PagedInferenceCache:
+    """The model-facing paged latent cache (the flash_mla rung): a PagedLatentCache sized for
+    `batch` rows of up to `max_len` tokens, plus the slot bookkeeping generation uses.
+
+    Generation feeds tokens at slots (prompts left-padded to a common length): row b's token at
+    slot s has position s - pad[b]. Unlike the contiguous cache, padding is never stored and each
+    row's length is its own, so the kernel reads only real tokens. Slots are filled in order; a
+    forward starting at an earlier slot (a new prefill) rewinds the rows to it."""
+
+    compilable = False  # the decode step runs the paged kernel, which is already one fused call
+
+    def __init__(self, n_layer: int, batch: int, max_len: int, width: int, dtype: torch.dtype,
+                 device: torch.device | str | None, block_size: int = 64):
+        per_seq = -(-max_len // block_size)
+        self.pages = PagedLatentCache(n_layer, batch * per_seq, width, batch, per_seq, block_size, dtype, device)
+        self.batch, self.max_len, self.dtype = batch, max_len, dtype
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)
+        self.fused_decode = False
+
+    def set_padding(self, pad: torch.Tensor | None) -> None:
+        self.pad.zero_()
+        if pad is not None:
+            self.pad[: pad.shape[0]] = pad.to(self.pad.device)
+
+    def begin(self, input_pos: torch.Tensor, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, PagedView]:
+        """Reserve blocks for the new tokens at slots input_pos (T,); (positions (B, T), view)."""
+        end = int(input_pos[-1]) + 1  # host bookkeeping: the block table is grown on the host
+        positions = input_pos[None, :] - self.pad[:batch, None]  # (B, T)
+        lengths = (end - self.pad[:batch]).clamp_min(0)
+        self.pages.reserve(lengths.tolist(), rows=range(batch))
+        return positions.clamp_min(0), PagedView(self, positions, lengths)
+
+    def bytes_per_token(self) -> int:
+        return self.pages.bytes_per_token()
+
+    def length_axes(self) -> list:
+        return []

@@ -81,6 +81,8 @@ class Transformer(nn.Module):
         self.pos.ensure_length(max_len)
         param = self.tok_emb.weight
         dtype, device = dtype or param.dtype, device or param.device
+        if getattr(self.blocks[0].attn, "paged", False):  # the attention kind keeps one paged pool
+            return self.blocks[0].attn.new_paged_cache(len(self.blocks), batch, max_len, dtype, device)
         layers = [blk.attn.new_cache(batch, max_len, dtype, device) for blk in self.blocks]
         return InferenceCache(layers, batch, max_len, device)
 
