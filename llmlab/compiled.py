@@ -14,7 +14,9 @@ prompt and output lengths: no recompiling, and no cache padded to a bucket size 
 """
 from __future__ import annotations
 
+import types
 import warnings
+import weakref
 from contextlib import nullcontext
 from typing import Callable, Optional
 
@@ -26,8 +28,9 @@ class CompiledOrEager:
     op); either way this warns once and the eager function, which computes the same thing, takes
     over, so a missing compiler never stops a run. Used by decoding and by training."""
 
-    def __init__(self, eager: Callable, compile: Callable[[], Callable], what: str):
-        self.eager, self.what = eager, what
+    def __init__(self, eager: Callable, compile: Callable[[], Callable], what: str,
+                 on_give_up: Optional[Callable[[], None]] = None):
+        self.eager, self.what, self.on_give_up = eager, what, on_give_up
         try:
             self.fn: Optional[Callable] = compile()
         except Exception as e:  # noqa: BLE001
@@ -38,6 +41,8 @@ class CompiledOrEager:
         warnings.warn(f"torch.compile of {self.what} failed ({type(e).__name__}: {msg}); running it eagerly",
                       RuntimeWarning, stacklevel=3)
         self.fn = None
+        if self.on_give_up is not None:
+            self.on_give_up()
 
     def __call__(self, *args):
         if self.fn is not None:
@@ -51,7 +56,6 @@ class CompiledOrEager:
 # Inductor options for the step: decompose batch-1 matrix products into fused reductions.
 COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
-_compiled_fn: Optional[Callable] = None
 
 
 def _decode_step(model, tok: torch.Tensor, cache, slot: torch.Tensor) -> torch.Tensor:
@@ -59,11 +63,32 @@ def _decode_step(model, tok: torch.Tensor, cache, slot: torch.Tensor) -> torch.T
     return model(tok, cache, slot)[:, -1]
 
 
-def _compiled() -> Callable:
-    global _compiled_fn
-    if _compiled_fn is None:
-        _compiled_fn = torch.compile(_decode_step, fullgraph=True, options=COMPILE_OPTIONS)
-    return _compiled_fn
+def _compile_for_one_model() -> Callable:
+    """torch.compile of a private copy of `_decode_step`. Dynamo keeps its compiled graphs (and
+    counts recompiles against its limit) per code object, so one shared function would pile the
+    graphs of every model decoded in the process onto one list and, past the limit, silently run
+    eagerly; a copy of the code object per model gives each model its own list."""
+    code = _decode_step.__code__.replace()  # same bytecode, a distinct code object
+    fn = types.FunctionType(code, _decode_step.__globals__, _decode_step.__name__)
+    return torch.compile(fn, fullgraph=True, options=COMPILE_OPTIONS)
+
+
+_steps: "weakref.WeakKeyDictionary[torch.nn.Module, CompiledOrEager]" = weakref.WeakKeyDictionary()
+_compile_failed = False  # compiling the decode step failed once: later steps run eagerly, unwarned
+
+
+def _step_for(model) -> Callable:
+    """The model's compiled decode step (made on its first use), or the eager one for good once
+    compiling has failed in this process (it warned then, once)."""
+    global _compile_failed
+    if _compile_failed:
+        return _decode_step
+    if model not in _steps:
+        def failed() -> None:
+            global _compile_failed
+            _compile_failed = True
+        _steps[model] = CompiledOrEager(_decode_step, _compile_for_one_model, "the decode step", failed)
+    return _steps[model]
 
 
 class DecodeStep:
@@ -80,7 +105,7 @@ class DecodeStep:
         self.model, self.cache = model, cache
         self.tok = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.fn = CompiledOrEager(_decode_step, _compiled, "the decode step") if compile else _decode_step
+        self.fn = _step_for(model) if compile else _decode_step
         self.calls = 0
         self.compile = compile
         cache.fused_decode = compile  # attention computes one-token steps as fused reductions

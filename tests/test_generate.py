@@ -137,17 +137,50 @@ def test_compiled_generation_rolls_past_block_size():
                        generate(model, idx, 20, temperature=0, use_cache=False))
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch):
+def test_compile_failure_falls_back_to_eager_and_warns_once(monkeypatch):
+    import warnings
+    import weakref
+
     import llmlab.compiled
 
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(llmlab.compiled, "_compiled_fn", broken)
+    monkeypatch.setattr(llmlab.compiled, "_compile_for_one_model", lambda: broken)
+    monkeypatch.setattr(llmlab.compiled, "_steps", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(llmlab.compiled, "_compile_failed", False)
     model = Transformer(tiny(preset="kv_cache")).eval()
     idx = torch.randint(0, 97, (2, 5))
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler"):
         out = generate(model, idx, 8, temperature=0, compile=True)
     assert torch.equal(out, generate(model, idx, 8, temperature=0))
+    other = Transformer(tiny(preset="gqa")).eval()
+    with warnings.catch_warnings():  # the failure was reported once; later generations stay quiet
+        warnings.simplefilter("error", RuntimeWarning)
+        for m in (model, other):
+            assert torch.equal(generate(m, idx, 4, temperature=0, compile=True), generate(m, idx, 4, temperature=0))
     with pytest.raises(Exception, match="use_cache=False"):
         generate(model, idx, 2, compile=True, use_cache=False)
+
+
+def test_uncompiled_decoding_keeps_dynamo_guards(monkeypatch):
+    """Skipping dynamo's guard checks is for the compiled step only; eager decoding never sets it."""
+    calls = []
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **k: calls.append((a, k)))
+    generate(Transformer(tiny(preset="kv_cache")).eval(), torch.randint(0, 97, (1, 4)), 6, temperature=0)
+    assert calls == []
+
+
+@pytest.mark.slow
+def test_several_models_compiled_in_one_process_keep_their_own_graphs():
+    """Each model gets its own compiled step: three models (two batch sizes each) under a recompile
+    limit of 2 still compile, give their eager tokens, and never fall back (which would warn)."""
+    import warnings
+
+    models = [Transformer(tiny(preset=p, block_size=64)).eval() for p in ("kv_cache", "gqa", "rope_mla")]
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        warnings.simplefilter("error", RuntimeWarning)
+        for m in models:
+            for b in (1, 2):
+                idx = torch.randint(0, 97, (b, 5))
+                assert torch.equal(generate(m, idx, 6, temperature=0, compile=True), generate(m, idx, 6, temperature=0))

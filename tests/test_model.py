@@ -86,3 +86,14 @@ def test_learned_positions_refuse_too_long_input():
 def test_config_errors_are_clear(bad, match):
     with pytest.raises(LlmlabError, match=match):
         tiny(**bad)
+
+
+@pytest.mark.parametrize("preset", sorted(__import__("llmlab").PRESETS))
+def test_training_loss_traces_as_one_graph(preset):
+    """No host sync or graph break in the training forward of any rung (e.g. growing a position
+    table from int(pos.max()) would break it): dynamo traces loss() with fullgraph=True."""
+    torch._dynamo.reset()  # every preset traces loss()'s one code object: start each from a clean slate
+    model = Transformer(tiny(preset=preset, dropout=0.0))
+    x = torch.randint(0, 97, (2, 16))
+    loss = torch.compile(model.loss, fullgraph=True, backend="eager")(x, x)
+    assert torch.allclose(loss, model.loss(x, x))
