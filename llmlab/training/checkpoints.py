@@ -92,7 +92,7 @@ def restore(last: Path, model, opt, sampler, ranks) -> tuple[int, float]:
     if sharded:
         tensors = _rng_and_sampler(sampler)  # the shapes to load into
         tensors = {k: v.clone() for k, v in tensors.items()}
-        dcp.load(last, model, opt, tensors)
+        dcp.load(last, model, opt, tensors, meta.get("optimizer_state", True))
     else:
         ckpt.load_weights(model, last)
         tensors = ckpt.load_train_state(last)

@@ -28,13 +28,11 @@ from typing import Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from llmlab.errors import LlmlabError
 
 FORMAT, DCP_DIR = "llmlab-dcp-1", "dcp"
-_OPT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def is_sharded(directory: Path) -> bool:
@@ -47,7 +45,10 @@ class _MetadataUnpickler(pickle.Unpickler):
                 "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
     _TORCH = {"Size", "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
               "uint8", "bool", "strided", "contiguous_format", "preserve_format", "complex64"}
-    _OTHER = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("builtins", "slice")}
+    # torch.layout pickles as _get_layout("torch.strided") (a lookup by name in torch's own table);
+    # StorageMeta holds the checkpoint's path
+    _OTHER = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+              ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
 
     def find_class(self, module: str, name: str):
         if module in self._MODULES or (module == "torch" and name in self._TORCH) or (module, name) in self._OTHER:
@@ -74,8 +75,26 @@ class SafeReader(FileSystemReader):
 
 
 # ---- save / load -------------------------------------------------------------------------------
-def _tensors_only(osd: dict) -> dict:
-    return {k: v for k, v in osd.items() if torch.is_tensor(v)}
+# The optimizer's state is keyed by parameter name ("blocks.0.mlp.fc.weight.exp_avg"), the same
+# under DDP and FSDP, so either resumes the other at any world size. (torch's
+# get_optimizer_state_dict would do this too, but on an optimizer that has not stepped yet it takes
+# a zero-gradient step to create the state, which counts as AdamW's first step and changes the run.)
+def _named_params(model) -> list[tuple[str, torch.Tensor]]:
+    return list(model.named_parameters())  # a tied weight once, under its first name
+
+
+def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for name, p in _named_params(model) for k, v in opt.state.get(p, {}).items()
+            if torch.is_tensor(v)}
+
+
+def _empty_adamw_state(model) -> dict[str, torch.Tensor]:
+    """Tensors of AdamW's state's shapes (sharded like the parameters), for DCP to load into."""
+    out = {}
+    for name, p in _named_params(model):
+        out |= {f"{name}.step": torch.zeros((), dtype=torch.float32),
+                f"{name}.exp_avg": torch.zeros_like(p), f"{name}.exp_avg_sq": torch.zeros_like(p)}
+    return out
 
 
 def save(directory: Path, model, opt, train_tensors: dict[str, torch.Tensor], meta: dict, tokenizer,
@@ -88,13 +107,12 @@ def save(directory: Path, model, opt, train_tensors: dict[str, torch.Tensor], me
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ranks.barrier()
-    state = {"model": get_model_state_dict(model),
-             "optim": _tensors_only(get_optimizer_state_dict(model, opt, options=_OPT)),
-             "train": train_tensors}
-    dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+    optim = _optimizer_tensors(model, opt)  # empty before the first step
+    dcp.save({"model": get_model_state_dict(model), "optim": optim, "train": train_tensors},
+             checkpoint_id=str(tmp / DCP_DIR))
     if ranks.is_main:
         with open(tmp / "config.json", "w") as fh:
-            json.dump({**meta, "format": FORMAT}, fh, indent=2)
+            json.dump({**meta, "format": FORMAT, "optimizer_state": bool(optim)}, fh, indent=2)
         if tokenizer is not None:
             tokenizer.save(tmp)
         for f in [*tmp.iterdir(), *(tmp / DCP_DIR).iterdir()]:
@@ -109,23 +127,35 @@ def save(directory: Path, model, opt, train_tensors: dict[str, torch.Tensor], me
     ranks.barrier()
 
 
-def load(directory: Path, model, opt, train_tensors: dict[str, torch.Tensor]) -> None:
+def load(directory: Path, model, opt, train_tensors: dict[str, torch.Tensor], optimizer_state: bool) -> None:
     """Every rank calls this: fills model, optimizer and `train_tensors` (in place) from a sharded
     checkpoint saved at any world size, by DDP or FSDP."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    osd = get_optimizer_state_dict(model, opt, options=_OPT)  # allocates the state to load into
-    state = {"model": get_model_state_dict(model), "optim": _tensors_only(osd), "train": train_tensors}
+    state = {"model": get_model_state_dict(model), "train": train_tensors}
+    if optimizer_state:
+        state["optim"] = _empty_adamw_state(model)
     _read(directory, state)
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, opt, {**osd, **state["optim"]}, options=_OPT)
+    if optimizer_state:
+        index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+        per_param = {index[id(p)]: {k: state["optim"][f"{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+                     for name, p in _named_params(model)}
+        opt.load_state_dict({"state": per_param, "param_groups": opt.state_dict()["param_groups"]})
 
 
 def _read(directory: Path, state: dict) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         dcp.load(state, storage_reader=SafeReader(str(Path(directory) / DCP_DIR)))
-    except LlmlabError:
-        raise
+    except CheckpointException as e:  # DCP gathers each rank's exception (with its traceback) into one
+        for failure in e.failures.values():
+            for item in failure if isinstance(failure, tuple) else (failure,):
+                if isinstance(item, LlmlabError):
+                    raise LlmlabError(str(item)) from None
+        raise LlmlabError(f"sharded checkpoint {directory} could not be read ({str(e).splitlines()[0][:200]}); "
+                          "restore it or retrain") from None
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise LlmlabError(f"sharded checkpoint {directory} is truncated, corrupt or of another model "
                           f"({str(e).splitlines()[0][:200]}); restore it or retrain") from None

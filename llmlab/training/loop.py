@@ -119,6 +119,7 @@ def _train(a: TrainArgs, out: Path, ranks: parallel.Ranks, device: str) -> dict[
                 if not first_resumed:  # a resumed run's step was evaluated before the checkpoint
                     losses = {split: mean_loss(model, sampled_batches(b, a.eval_iters), device, ranks.active)
                               for split, b in eval_batches.items()}
+                    parallel.reshard(model)
                     val_loss = losses["val"]
                     _check_finite(val_loss, step, out, "val loss")
                     metrics.write(step=step, val_loss=val_loss, train_loss=losses["train"],

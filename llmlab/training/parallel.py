@@ -157,6 +157,16 @@ def _shard(model: Transformer, device: str, ranks: Ranks) -> None:
     fully_shard(model, **kw)  # the rest: tok_emb (= lm_head when tied), positions, final norm
 
 
+def reshard(model: nn.Module) -> None:
+    """After an eval forward: FSDP keeps the root's parameters gathered after forward (backward
+    would need them at once), and with no backward they stay so; shard them again before the
+    checkpoint and the optimizer see the module's parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 @torch.no_grad()
 def _init_sharded(model: Transformer, config: ModelConfig, device: str, seed: int) -> None:
     """Allocate this rank's shards, then initialise them after sharding with the model's own
