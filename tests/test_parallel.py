@@ -179,3 +179,34 @@ def test_activation_checkpointing_recomputes_blocks_in_backward(monkeypatch, che
     finally:
         ranks.close()
     assert len(calls) == runs * config.n_layer
+
+
+@pytest.mark.parametrize("use_no_sync, reductions", [(True, 1), (False, 3)])
+def test_ddp_reduces_gradients_once_per_step_with_accumulation(use_no_sync, reductions):
+    """3 micro-batches: DDP's all-reduce runs for the last only (no_sync for the others)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from llmlab.presets import preset_config
+    from llmlab.training import parallel
+    from llmlab.training.step import StepConfig, TrainStep, make_optimizer
+
+    ranks, device = parallel.start("ddp", "cpu")
+    try:
+        config = preset_config("flash", vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=8)
+        built = parallel.build(config, "ddp", device, ranks, seed=0)
+        calls = []
+
+        def counting(state, bucket):
+            calls.append(bucket.index())
+            return allreduce_hook(state, bucket)
+
+        built.loss_fn.register_comm_hook(None, counting)
+        opt = make_optimizer(built.model, 0.1, (0.9, 0.99), 1e-3)
+        step = TrainStep(built.model, opt, StepConfig(grad_accum=3), built.loss_fn,
+                         built.sync if use_no_sync else None, ranks.mean)
+        x = torch.randint(50, (2, 8))
+        step(lambda: (x, x), 1e-3)
+    finally:
+        ranks.close()
+    buckets = len(set(calls))
+    assert len(calls) == reductions * buckets
