@@ -61,7 +61,7 @@ def parse_args(argv):
 
 def recipe(data: str, max_iters: int, device: str, eval_interval: int, compile: bool, out: str,
            seed: int = 1337, preset: str = "flash", batch_threads: int = 1):
-    from llmlab.train import TrainArgs
+    from llmlab.training import TrainArgs
 
     return TrainArgs(
         preset=preset, data=data, tokenizer="char",
@@ -90,25 +90,18 @@ def summarize(metrics_path: Path) -> dict:
 def full_val_loss(out: Path, data: str) -> float:
     """Loss of the final weights over the whole validation split (consecutive block-long windows):
     the recipe's eval averages only 20 random batches, so it is noisy by a few hundredths."""
-    import numpy as np
     import torch
 
     from llmlab import load
     from llmlab.data import encode_corpus, load_text, split_ids
     from llmlab.tokenizer import load_tokenizer
+    from llmlab.training.evaluate import consecutive_windows, mean_loss
 
     model = load(out / "last").eval()
     _, text = load_text(data)
     _, val = split_ids(encode_corpus(text, load_tokenizer(out / "last")))
-    blk = model.config.block_size
-    n = (len(val) - 1) // blk * blk
-    ids = torch.from_numpy(np.asarray(val[: n + 1], dtype=np.int64))
-    x, y = ids[:-1].view(-1, blk), ids[1:].view(-1, blk)
-    total = 0.0
     with torch.inference_mode():
-        for i in range(0, x.shape[0], 64):
-            total += model.loss(x[i:i + 64], y[i:i + 64]).item() * x[i:i + 64].numel()
-    return total / n
+        return mean_loss(model, consecutive_windows(val, model.config.block_size, rows=64)[1])
 
 
 def main(argv=None) -> int:
@@ -124,7 +117,8 @@ def main(argv=None) -> int:
     import torch
 
     from llmlab.errors import LlmlabError
-    from llmlab.train import pick_device, train
+    from llmlab.training import train
+    from llmlab.training.device import pick_device
 
     if ns.threads > 0:
         torch.set_num_threads(ns.threads)

@@ -9,7 +9,7 @@ contestant trains in a process of its own (so no thread pool, OpenMP team or cac
 touches another) for `--seconds` after a warm-up, and the contestants take turns, round after
 round, so a noisy machine slows all of them alike; a contestant's speed-up is the median over
 rounds of nanoGPT's ms/step divided by its own in the same round. llmlab runs
-`llmlab.step.TrainStep`, the code `train()` runs. The nanoGPT stand-in
+`llmlab.training.step.TrainStep`, the code `train()` runs. The nanoGPT stand-in
 (benchmarks/nanogpt_reference.py) uses torch's default threads, as nanoGPT does; `batch-threads`
 splits each batch across the cores (`--batch-threads`, one shard a core).
 
@@ -74,15 +74,15 @@ def build_step(name: str, preset: str, threads: int, seed: int):
         return (lambda x, y: nanogpt_step(ref, opt, x, y)), 0
     from llmlab.model import Transformer
     from llmlab.presets import preset_config
-    from llmlab.step import TrainStep
-    from llmlab.train import make_optimizer
+    from llmlab.training.step import StepConfig, TrainStep, make_optimizer
     from train_shakespeare_char import recipe  # the recipe's hyperparameters, from the one place
 
     compile, shard = CONFIGS[name]
     a = recipe(data=None, max_iters=2000, device="cpu", eval_interval=250, compile=compile, out=None,
                seed=seed, preset=preset, batch_threads=min(threads, BATCH) if shard else 1)
     model = Transformer(preset_config(preset, vocab_size=VOCAB, **a.model_overrides()))
-    train_step = TrainStep(model, make_optimizer(model, a, "cpu"), a, "cpu")  # closed when the process ends
+    opt = make_optimizer(model, a.weight_decay, (a.beta1, a.beta2), a.lr)
+    train_step = TrainStep(model, opt, StepConfig.of(a, "cpu"))  # closed when the process ends
     return (lambda x, y: train_step(lambda: (x, y), 1e-3)), (train_step.shards.n if train_step.shards else 0)
 
 

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -33,6 +34,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--batch-threads", type=int,
                    help="CPU: train each batch as N shards on N threads, one core each (same gradients; "
                         "faster than N threads inside every op for small models; needs --dropout 0)")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"],
+                   help="torch.distributed data parallelism over the ranks torchrun starts (default none; "
+                        "--batch-size is per rank: global batch = batch size x grad accum x ranks)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="with --parallel: recompute each block's activations in backward (less memory)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
 
@@ -62,10 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="evaluate on this data's validation split instead")
     p.add_argument("--max-tokens", type=int, default=200_000, help="evaluate at most this many tokens")
     p.add_argument("--device", default="auto")
-    p = sub.add_parser("convert", help="to / from Hugging Face transformers (GPT-2, Llama, Qwen2)")
-    p.add_argument("run_dir", nargs="?", help="llmlab run to export (with --to-hf)")
+    p = sub.add_parser("convert", help="to / from Hugging Face transformers (GPT-2, Llama, Qwen2); "
+                                       "a sharded (--parallel) checkpoint to a single one")
+    p.add_argument("run_dir", nargs="?", help="llmlab run to export (with --to-hf), or a sharded checkpoint "
+                                              "(RUN/last of a --parallel run, with --out)")
     p.add_argument("--from-hf", help="Hugging Face model directory to import (with --out)")
-    p.add_argument("--out", help="run directory to write (with --from-hf)")
+    p.add_argument("--out", help="checkpoint directory to write (with --from-hf, or a sharded run_dir)")
     p.add_argument("--to-hf", help="directory to write the Hugging Face model to")
     sub.add_parser("presets", help="list the rungs of the ladder")
     p = sub.add_parser("plot", help="PNG of train and val loss of a run")
@@ -90,7 +98,7 @@ def _read_toml(path: str) -> dict[str, Any]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from llmlab.train import TrainArgs, train
+    from llmlab.training import TrainArgs, train
 
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
     values = _read_toml(ns.config) if getattr(ns, "config", None) else {}
@@ -107,6 +115,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if unknown:
         raise LlmlabError(f"unknown training setting(s) in config: {', '.join(unknown)}")
     summary = train(TrainArgs(**values))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
+        return 0
     print(f"trained to step {summary['step']}: val loss {summary['val_loss']:.4f} "
           f"(best {summary['best_val_loss']:.4f}), {summary['params'] / 1e6:.2f}M params -> {summary['out']}")
     if "sample" in summary:
@@ -118,9 +128,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def _load_run(run_dir: str, device: str):
     from llmlab.checkpoint import load, resolve_checkpoint
     from llmlab.tokenizer import load_tokenizer
-    from llmlab.train import pick_device
+    from llmlab.training.dcp import is_sharded
+    from llmlab.training.device import pick_device
 
     directory = resolve_checkpoint(run_dir)
+    if is_sharded(directory):
+        raise LlmlabError(f"{directory} is a sharded (--parallel) checkpoint: `llmlab convert {directory} "
+                          "--out DIR` writes a single one to use here")
     model = load(directory, device=pick_device(device))
     return model, load_tokenizer(directory)
 
@@ -141,32 +155,30 @@ def cmd_sample(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from llmlab.data import encode_corpus, load_text, split_ids
     from llmlab.checkpoint import read_meta, resolve_checkpoint
+    from llmlab.data import encode_corpus, load_text, split_ids
+    from llmlab.training.evaluate import consecutive_windows, mean_loss
 
     model, tok = _load_run(ns.run_dir, ns.device)
     data = ns.data or read_meta(resolve_checkpoint(ns.run_dir))["train"].get("data")
     name, text = load_text(data)
     _, val = split_ids(encode_corpus(text, tok))
     blk = model.config.block_size
-    n = min(len(val) - 1, ns.max_tokens) // blk * blk
-    if n <= 0:
+    if min(len(val) - 1, ns.max_tokens) < blk:
         raise LlmlabError(f"the validation split of {name} ({len(val)} tokens) is shorter than block_size {blk}")
-    ids = torch.from_numpy(np.asarray(val[: n + 1], dtype=np.int64)).to(model.tok_emb.weight.device)
-    x, y = ids[:-1].view(-1, blk), ids[1:].view(-1, blk)  # consecutive, non-overlapping windows
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], 16):
-            total += model.loss(x[i:i + 16], y[i:i + 16]).item() * x[i:i + 16].numel()
-    loss = total / n
+    n, batches = consecutive_windows(val, blk, ns.max_tokens, device=model.tok_emb.weight.device)
+    loss = mean_loss(model, batches)
     print(json.dumps({"data": name, "tokens": n, "val_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3)}))
     return 0
 
 
 def cmd_convert(ns: argparse.Namespace) -> int:
+    from llmlab.training.dcp import is_sharded, to_single
+
+    if ns.run_dir and ns.out and not ns.to_hf and not ns.from_hf and is_sharded(Path(ns.run_dir)):
+        to_single(Path(ns.run_dir), Path(ns.out))
+        print(f"converted {ns.run_dir} -> {ns.out} (a single safetensors checkpoint)")
+        return 0
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:
@@ -181,7 +193,8 @@ def cmd_convert(ns: argparse.Namespace) -> int:
         hf.convert_to_hf(ns.run_dir, ns.to_hf)
         print(f"converted {ns.run_dir} -> {ns.to_hf} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     else:
-        raise LlmlabError("use `llmlab convert --from-hf HF_DIR --out RUN_DIR` or `llmlab convert RUN_DIR --to-hf HF_DIR`")
+        raise LlmlabError("use `llmlab convert --from-hf HF_DIR --out RUN_DIR`, `llmlab convert RUN_DIR --to-hf HF_DIR` "
+                          "or `llmlab convert RUN/last --out DIR` (a sharded checkpoint)")
     return 0
 
 
@@ -217,7 +230,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return COMMANDS[ns.command](ns)
     except LlmlabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from llmlab.training.loop import RankError
+
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun: an error all ranks share prints once
+        if rank == 0 or not isinstance(e, RankError):
+            print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

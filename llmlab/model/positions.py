@@ -50,6 +50,9 @@ class LearnedPositions(NoPositions):
         self.max_positions = config.block_size
         self.weight = nn.Parameter(torch.randn(config.block_size, config.n_embd) * 0.02)
 
+    def reset_parameters(self) -> None:  # Transformer.init_weights; draws what randn(...) * 0.02 draws
+        nn.init.normal_(self.weight, std=0.02)
+
     def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return x + self.weight[pos]
 
@@ -72,6 +75,9 @@ class SinusoidalPositions(NoPositions):
         super().__init__()
         self.dim = config.n_embd
         self.register_buffer("table", sinusoidal_table(config.block_size, self.dim), persistent=False)
+
+    def reset_parameters(self) -> None:  # Transformer.init_weights: the table after to_empty()
+        self.table = sinusoidal_table(self.table.shape[0], self.dim).to(self.table.device)
 
     def ensure_length(self, n: int) -> None:
         if n > self.table.shape[0]:
@@ -110,6 +116,10 @@ class RotaryPositions(NoPositions):
         cos, sin = rope_tables(config.block_size, self.dim, self.theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+
+    def reset_parameters(self) -> None:  # Transformer.init_weights: the tables after to_empty()
+        cos, sin = rope_tables(self.cos.shape[0], self.dim, self.theta)
+        self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
 
     def ensure_length(self, n: int) -> None:
         if n > self.cos.shape[0]:

@@ -38,6 +38,10 @@ class Transformer(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        # Building the modules draws their default inits from torch's RNG; init_weights() below redraws
+        # them in the same order from the same state, so the weights equal the plain build's at any seed
+        # and a model built on the meta device gets the same ones from init_weights() after to_empty().
+        rng = torch.get_rng_state()
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos = build_positions(config, lookup("attention", config.attention).rotary_dim(config))
         self.drop = nn.Dropout(config.dropout)
@@ -46,6 +50,20 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        torch.set_rng_state(rng)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and non-persistent buffer (rope/sinusoidal tables): each
+        submodule's own reset_parameters() in construction order, then GPT-2's init. Used after
+        building on the meta device and sharding (llmlab.training.parallel), where to_empty() left
+        garbage in them."""
+        if self.config.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight  # to_empty() gives each module its own tensor
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -1,0 +1,16 @@
+"""Training, one concern a module (imports flow one way, from loop down):
+
+    args.py       TrainArgs: the settings of `llmlab train`
+    loop.py       train(): the loop, evals, checkpoints, resume
+    step.py       StepConfig, TrainStep (one optimizer step), make_optimizer
+    schedule.py   LRSchedule: warmup + cosine
+    device.py     pick_device, autocast_for
+    evaluate.py   mean_loss: the one loss-over-windows evaluation
+    parallel.py   torch.distributed: process group, DDP / FSDP2 wrapping, per-rank batches
+    checkpoints.py metrics.jsonl and last/ + best/ (single-process or sharded)
+    dcp.py        sharded checkpoints (torch.distributed.checkpoint)
+"""
+from llmlab.training.args import TrainArgs
+from llmlab.training.loop import train
+
+__all__ = ["TrainArgs", "train"]
