@@ -227,6 +227,10 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert
 
 def main(argv: Optional[list[str]] = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.command != "presets":
+        from llmlab.threads import use_free_cores
+
+        use_free_cores()  # one torch thread per core no other process holds (why: llmlab/threads.py)
     try:
         return COMMANDS[ns.command](ns)
     except LlmlabError as e:

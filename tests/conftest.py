@@ -38,3 +38,10 @@ def tiny(**kw):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_threads(monkeypatch):
+    """The CLI picks torch's thread count from the cores free at its start (llmlab.threads); tests
+    that run it in-process keep this process's count, so results never depend on the load."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
