@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmlab.errors import LlmlabError
+from llmlab.fsutil import atomic_write_json, one_line
 
 TOKENIZER_KINDS = ("byte", "char", "bpe")
 TOKENIZER_FILE = "tokenizer.json"
@@ -58,10 +59,8 @@ class Tokenizer(ABC):
 
 
 def _write_json(directory: Path, obj: dict) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     # ensure_ascii keeps any character (even a lone surrogate) writable in a plain ASCII file.
-    (directory / TOKENIZER_FILE).write_text(json.dumps(obj, ensure_ascii=True) + "\n", encoding="utf-8")
+    atomic_write_json(Path(directory) / TOKENIZER_FILE, obj, ensure_ascii=True, indent=None)
 
 
 class ByteTokenizer(Tokenizer):
@@ -213,7 +212,7 @@ def load_tokenizer(directory: Path | str) -> Tokenizer:
         raw = path.read_text(encoding="utf-8")
         obj = json.loads(raw)
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LlmlabError(f"{corrupt} ({_one_line(e)}); delete it and retrain the tokenizer") from None
+        raise LlmlabError(f"{corrupt} ({one_line(e)}); delete it and retrain the tokenizer") from None
     if not isinstance(obj, dict):
         raise LlmlabError(f"{corrupt} (not a JSON object); delete it and retrain the tokenizer")
     kind = obj.get("llmlab_tokenizer")
@@ -231,8 +230,5 @@ def load_tokenizer(directory: Path | str) -> Tokenizer:
     try:  # not ours: a Hugging Face tokenizers file
         return BPETokenizer(HFTokenizer.from_str(raw))
     except Exception as e:  # the Rust side raises plain Exception on a bad file
-        raise LlmlabError(f"{corrupt} ({_one_line(e)}); delete it and retrain the tokenizer") from None
+        raise LlmlabError(f"{corrupt} ({one_line(e)}); delete it and retrain the tokenizer") from None
 
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
