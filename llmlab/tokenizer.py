@@ -45,6 +45,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def save(self, directory: Path) -> None: ...
 
+    @abstractmethod
+    def to_hf(self) -> HFTokenizer:
+        """The same vocabulary as a Hugging Face `tokenizers` object (same ids for every text it
+        can encode): what `llmlab convert --to-hf` writes as tokenizer.json."""
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts; BPE overrides this to use the Rust library's thread pool."""
         return [self.encode(t) for t in texts]
@@ -61,6 +66,23 @@ class Tokenizer(ABC):
 def _write_json(directory: Path, obj: dict) -> None:
     # ensure_ascii keeps any character (even a lone surrogate) writable in a plain ASCII file.
     atomic_write_json(Path(directory) / TOKENIZER_FILE, obj, ensure_ascii=True, indent=None)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's bytes_to_unicode: the printable symbol ByteLevel uses for each byte value."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
+_BYTE_SYMBOLS = _byte_symbols()
 
 
 class ByteTokenizer(Tokenizer):
@@ -82,6 +104,15 @@ class ByteTokenizer(Tokenizer):
 
     def save(self, directory: Path) -> None:
         _write_json(directory, {"llmlab_tokenizer": "byte"})
+
+    def to_hf(self) -> HFTokenizer:
+        # GPT-2's byte-level scheme with the 256 byte symbols as the whole vocabulary (id = byte
+        # value) and no merges: every byte is one token, exactly as encode() does.
+        vocab = {_BYTE_SYMBOLS[b]: b for b in range(256)}
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+        return hf
 
 
 class CharTokenizer(Tokenizer):
@@ -120,6 +151,13 @@ class CharTokenizer(Tokenizer):
 
     def save(self, directory: Path) -> None:
         _write_json(directory, {"llmlab_tokenizer": "char", "chars": self.chars})
+
+    def to_hf(self) -> HFTokenizer:
+        # One token per character (no pre-tokenizer, no merges: BPE splits the text into its
+        # characters and looks each up); Fuse joins decoded tokens without the default spaces.
+        hf = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(self.chars)}, merges=[]))
+        hf.decoder = decoders.Fuse()
+        return hf
 
 
 class BPETokenizer(Tokenizer):
@@ -190,6 +228,9 @@ class BPETokenizer(Tokenizer):
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / TOKENIZER_FILE))  # the plain HF file: other tools can load it
 
+    def to_hf(self) -> HFTokenizer:
+        return self.hf
+
 
 def build_tokenizer(kind: str, text: str, vocab_size: Optional[int] = None) -> Tokenizer:
     """Make a tokenizer of ``kind`` for ``text`` (vocab_size only matters for bpe)."""
@@ -227,8 +268,29 @@ def load_tokenizer(directory: Path | str) -> Tokenizer:
         raise LlmlabError(
             f"{path} names unknown tokenizer kind {kind!r}; expected one of: {', '.join(TOKENIZER_KINDS)}"
         )
+    exported = _exported_kind(obj)
+    if exported is not None:  # a byte/char vocabulary llmlab wrote for Hugging Face: ours again
+        return exported
     try:  # not ours: a Hugging Face tokenizers file
         return BPETokenizer(HFTokenizer.from_str(raw))
     except Exception as e:  # the Rust side raises plain Exception on a bad file
         raise LlmlabError(f"{corrupt} ({one_line(e)}); delete it and retrain the tokenizer") from None
 
+
+def _exported_kind(obj: dict) -> Optional[Tokenizer]:
+    """The ByteTokenizer / CharTokenizer whose to_hf() wrote this tokenizer.json, else None."""
+    model = obj.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("merges"):
+        return None
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or obj.get("added_tokens") or obj.get("normalizer") is not None:
+        return None
+    pre, dec = obj.get("pre_tokenizer") or {}, obj.get("decoder") or {}
+    if pre.get("type") == "ByteLevel" and dec.get("type") == "ByteLevel" and \
+            vocab == {_BYTE_SYMBOLS[b]: b for b in range(256)}:
+        return ByteTokenizer()
+    if not pre and dec.get("type") == "Fuse" and all(isinstance(k, str) and len(k) == 1 for k in vocab):
+        chars = "".join(sorted(vocab, key=vocab.get))
+        if chars and chars == "".join(sorted(set(chars))) and sorted(vocab.values()) == list(range(len(chars))):
+            return CharTokenizer(chars)
+    return None
