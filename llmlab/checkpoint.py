@@ -12,6 +12,7 @@ the previous checkpoint whole.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -89,6 +90,10 @@ def read_meta(directory: Path) -> dict:
     if meta.get("tokenizer") is not None and not isinstance(meta["tokenizer"], str):
         raise LlmlabError(f"{where} ('tokenizer' is not a name); restore it or retrain")
     check_fields(ModelConfig, meta["model"], f"{where} (model section)")
+    from llmlab.train import TrainArgs  # here, not at the top: train imports this module
+
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}  # keys of other versions are let through
+    check_fields(TrainArgs, {k: v for k, v in meta["train"].items() if k in fields}, f"{where} (train section)")
     return meta
 
 

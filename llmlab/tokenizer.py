@@ -97,7 +97,15 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         # errors="replace": a sampled id stream may stop (or wander) mid multi-byte character.
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        # An id past 255 (a model with a larger vocabulary) becomes U+FFFD, never a ValueError.
+        out, run = [], bytearray()
+        for i in map(int, ids):
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace") + "\ufffd")
+            run = bytearray()
+        return "".join(out) + run.decode("utf-8", errors="replace")
 
     def _content(self) -> str:
         return ""
