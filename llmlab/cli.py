@@ -262,10 +262,12 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert
 
 def main(argv: Optional[list[str]] = None) -> int:
     try:
+        if argv is not None and any("\0" in str(a) for a in argv):  # no OS path may hold one
+            raise LlmlabError("an argument contains a NUL byte; paths and values cannot")
         ns = build_parser().parse_args(argv)
         return COMMANDS[ns.command](ns)
-    except LlmlabError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except LlmlabError as e:  # one line, whatever the message holds (a path with a newline, ...)
+        print(f"error: {one_line(e, limit=2000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
