@@ -22,8 +22,13 @@ def _allowed(tp: Any) -> tuple[tuple[type, ...], bool]:
             if a is not type(None):
                 accepted += _allowed(a)[0]
         return accepted, type(None) in args
-    if origin is not None:  # dict[str, Any], list[...]: check the container only
+    if origin is typing.Literal:
+        values = typing.get_args(tp)
+        return tuple({type(v) for v in values if v is not None}), None in values
+    if isinstance(origin, type):  # dict[str, Any], list[...]: check the container only
         return (origin,), False
+    if origin is not None or not isinstance(tp, type):  # anything exotic: not checked here
+        return (object,), True
     if tp is Any:
         return (object,), True
     return (tp,), False
@@ -42,7 +47,10 @@ def check_fields(cls: type, values: dict[str, Any], where: str, required: bool =
     non-finite floats and (if `required`) missing fields are one LlmlabError naming `where`."""
     if not isinstance(values, dict):
         raise LlmlabError(f"{where}: expected a table of settings, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved: check names only
+        hints = {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -53,7 +61,7 @@ def check_fields(cls: type, values: dict[str, Any], where: str, required: bool =
         if missing:
             raise LlmlabError(f"{where}: missing setting(s) {', '.join(missing)}")
     for name, value in values.items():
-        accepted, nullable = _allowed(hints[name])
+        accepted, nullable = _allowed(hints.get(name, Any))
         if value is None and nullable:
             continue
         if not _ok(value, accepted):

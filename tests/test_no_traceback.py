@@ -173,3 +173,17 @@ def test_plot_out_directory_reports_the_file(capsys, run, tmp_path):
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert main(["plot", str(run), "--out", str(tmp_path / "curves.txt")]) == 0  # any name: still a PNG
     assert (tmp_path / "curves.txt").read_bytes().startswith(b"\x89PNG")
+
+
+def test_unwritable_out_simulated(capsys, run, tmp_path, monkeypatch):
+    """The same refusal where the test runs as root (which may write anywhere): the directory
+    reports itself unwritable through os.access, as it would for a normal user."""
+    import llmlab.fsutil
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(llmlab.fsutil.os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    one_error_line(capsys, ["plot", run, "--out", locked / "loss.png"], "not writable")
+    one_error_line(capsys, ["convert", run, "--to-hf", locked / "hf"], "not writable")
+    assert list(locked.iterdir()) == []
