@@ -14,15 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from llmlab.errors import LlmlabError
+from llmlab.errors import LlmlabError, one_line  # one_line re-exported: import it from either
 
 PathLike = Union[str, os.PathLike]
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception as one short line (library messages often span many lines)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _umask() -> int:
