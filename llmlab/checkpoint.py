@@ -12,55 +12,31 @@ the previous checkpoint whole.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from llmlab import fsutil
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
 from llmlab.model import Transformer
+from llmlab.validate import check_fields
 
 MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE = "model.safetensors", "config.json", "train_state.safetensors"
 
 
-def _fsync_dir_files(directory: Path) -> None:
-    for f in directory.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Build `target` in a temp sibling, then swap it in with renames. At every instant either the
-    old or the new directory is complete (`resolve_checkpoint` also accepts the `.old` copy)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp"
-    old = target.parent / f".{target.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    _fsync_dir_files(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+# One implementation of atomic writes lives in llmlab.fsutil; these names stay importable here.
+write_dir_atomically = fsutil.write_dir_atomically
 
 
 def write_json_atomically(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fsutil.atomic_write_json(path, obj)
 
 
 def save_checkpoint(directory: Path, model: Transformer, tokenizer=None, train_args: Optional[dict] = None,
@@ -96,15 +72,74 @@ def resolve_checkpoint(path: Path | str) -> Path:
 
 
 def read_meta(directory: Path) -> dict:
+    """config.json of a checkpoint, checked: valid JSON is not enough, every model setting must have
+    its type (a hand-edited `"n_layer": "4"` is one clear error here, not a traceback later)."""
+    where = f"checkpoint {directory} has a corrupt config.json"
     try:
-        with open(Path(directory) / CONFIG_FILE) as fh:
-            meta = json.load(fh)
-        if not isinstance(meta, dict) or "model" not in meta:
-            raise ValueError("no 'model' section")
-        return meta
+        with open(Path(directory) / CONFIG_FILE, "rb") as fh:
+            meta = json.loads(fh.read().decode("utf-8"))
     except (OSError, ValueError) as e:
-        raise LlmlabError(f"checkpoint {directory} has a corrupt config.json ({e}); "
-                          "restore it or retrain") from None
+        raise LlmlabError(f"{where} ({fsutil.one_line(e)}); restore it or retrain") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise LlmlabError(f"{where} (no 'model' section); restore it or retrain")
+    for key in ("train", "state"):
+        if meta.get(key) is None:
+            meta[key] = {}
+        if not isinstance(meta[key], dict):
+            raise LlmlabError(f"{where} ('{key}' is not an object); restore it or retrain")
+    if meta.get("tokenizer") is not None and not isinstance(meta["tokenizer"], str):
+        raise LlmlabError(f"{where} ('tokenizer' is not a name); restore it or retrain")
+    check_fields(ModelConfig, meta["model"], f"{where} (model section)")
+    from llmlab.train import TrainArgs  # here, not at the top: train imports this module
+
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}  # keys of other versions are let through
+    check_fields(TrainArgs, {k: v for k, v in meta["train"].items() if k in fields}, f"{where} (train section)")
+    return meta
+
+
+def model_config(meta: dict, directory: Path, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a checked meta (read_meta), with overrides; bad values are one line."""
+    try:
+        return ModelConfig.from_dict(meta["model"]).replace(**overrides)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise LlmlabError(f"checkpoint {directory} has an invalid model config ({fsutil.one_line(e)})") from None
+
+
+def _free_memory_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def param_bytes(config: ModelConfig) -> int:
+    """fp32 bytes of a model's parameters, from its config alone (an upper-bound-ish estimate:
+    biases and norms are left out, they are tiny)."""
+    d, hd = config.n_embd, config.head_size
+    attn = d * (config.n_head + 2 * config.kv_heads) * hd + config.n_head * hd * d
+    mlp = (3 if config.mlp == "swiglu" else 2) * d * config.ffn_size
+    emb = config.vocab_size * d * (1 if config.tie_embeddings else 2)
+    pos = config.block_size * d if config.position == "learned" else 0
+    return 4 * (config.n_layer * (attn + mlp) + emb + pos)
+
+
+def build_model(config: ModelConfig, where: str) -> Transformer:
+    """Transformer(config), refusing one that cannot fit in memory before allocating it."""
+    need, free = param_bytes(config), _free_memory_bytes()
+    if free is not None and need > free:
+        raise LlmlabError(f"{where}: the model needs about {need / 2**30:.1f} GiB for its weights but only "
+                          f"{free / 2**30:.1f} GiB of memory is free; use a machine with more memory")
+    try:
+        return Transformer(config)
+    except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's "can't allocate memory"
+        raise LlmlabError(f"{where}: cannot build the model ({fsutil.one_line(e)})") from None
 
 
 def load(path: Path | str, device: Optional[str] = None, **overrides: Any) -> Transformer:
@@ -112,11 +147,13 @@ def load(path: Path | str, device: Optional[str] = None, **overrides: Any) -> Tr
     (e.g. attn_backend="manual"). Weights come from safetensors only."""
     directory = resolve_checkpoint(path)
     meta = read_meta(directory)
-    config = ModelConfig.from_dict(meta["model"]).replace(**overrides)
-    model = Transformer(config)
+    model = build_model(model_config(meta, directory, **overrides), f"checkpoint {directory}")
     load_weights(model, directory)
     if device is not None:
-        model.to(device)
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError, ValueError) as e:  # e.g. out of device memory
+            raise LlmlabError(f"cannot move the model to device {device} ({fsutil.one_line(e)})") from None
     return model.eval()
 
 

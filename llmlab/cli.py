@@ -12,6 +12,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llmlab.errors import LlmlabError
+from llmlab.fsutil import one_line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints a usage block and exits; llmlab's rule is one `error: ...` line, exit 2."""
+
+    def error(self, message: str):
+        raise LlmlabError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)  # argparse turns a ValueError into "invalid _finite_float value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _train_parser(sub) -> None:
@@ -46,15 +61,15 @@ def _train_parser(sub) -> None:
 def _sampling_args(p) -> None:
     p.add_argument("--prompt", default=None, help="text to continue (default: start of a text)")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--temperature", type=_finite_float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-p", type=_finite_float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmlab", description="Build, train, sample and compare small LLMs.")
+    parser = _Parser(prog="llmlab", description="Build, train, sample and compare small LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     p = sub.add_parser("sample", help="generate text from a run, printed as it is produced")
@@ -86,15 +101,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- commands ------------------------------------------------------------------------------
+# Ranges of settings only a TOML file can give (no flag parses them); the rest is checked by
+# TrainArgs.validate. A value out of range would otherwise reach torch.optim as a traceback.
+_TOML_RANGES = {"beta1": (0.0, 1.0), "beta2": (0.0, 1.0)}
+
+
 def _read_toml(path: str) -> dict[str, Any]:
+    """Settings from a TOML file, type-checked against TrainArgs' fields: valid TOML with a wrong
+    type (`lr = "abc"`) or a binary file is one clear error, not a traceback later in training."""
+    from llmlab.train import TrainArgs
+    from llmlab.validate import check_fields
+
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
     except FileNotFoundError:
         raise LlmlabError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise LlmlabError(f"config file {path} is not valid TOML ({e})") from None
-    return {k.replace("-", "_"): v for k, v in raw.items()}
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise LlmlabError(f"config file {path} is not valid TOML ({one_line(e)})") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise LlmlabError(f"cannot read config file {path} ({one_line(e)})") from None
+    values = {k.replace("-", "_"): v for k, v in raw.items()}
+    check_fields(TrainArgs, values, f"config file {path}")
+    for key, (lo, hi) in _TOML_RANGES.items():
+        if key in values and not lo <= values[key] < hi:
+            raise LlmlabError(f"config file {path}: {key} must be in [{lo:g}, {hi:g}), got {values[key]!r}")
+    return values
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -126,22 +158,38 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _load_run(run_dir: str, device: str):
+    """Model + tokenizer of a run for sample / eval, every way they can be unusable checked first:
+    device, config, memory, weights that are not finite, a tokenizer that does not fit the model."""
+    import torch
+
     from llmlab.checkpoint import load, resolve_checkpoint
+    from llmlab.device import resolve_device
     from llmlab.tokenizer import load_tokenizer
     from llmlab.training.dcp import is_sharded
-    from llmlab.training.device import pick_device
 
+    dev = resolve_device(device)  # before loading anything: fails fast on a device this machine lacks
     directory = resolve_checkpoint(run_dir)
     if is_sharded(directory):
         raise LlmlabError(f"{directory} is a sharded (--parallel) checkpoint: `llmlab convert {directory} "
                           "--out DIR` writes a single one to use here")
-    model = load(directory, device=pick_device(device))
-    return model, load_tokenizer(directory)
+    tok = load_tokenizer(directory)
+    model = load(directory, device=dev)
+    if tok.vocab_size > model.config.vocab_size:
+        raise LlmlabError(f"the tokenizer in {directory} has {tok.vocab_size} ids but the model only "
+                          f"{model.config.vocab_size}; they do not belong together (retrain or re-convert)")
+    with torch.no_grad():
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise LlmlabError(f"checkpoint {directory} has NaN/inf weights ({bad[0]}, {len(bad)} tensor(s)); "
+                          "use an earlier checkpoint (e.g. best/) or retrain")
+    return model, tok
 
 
 def cmd_sample(ns: argparse.Namespace) -> int:
     from llmlab.sample import stream_text
 
+    if ns.seed is not None and not 0 <= ns.seed < 2**63:
+        raise LlmlabError(f"--seed must be in [0, 2^63), got {ns.seed}")
     model, tok = _load_run(ns.run_dir, ns.device)
     if ns.prompt:
         tok.encode(ns.prompt)  # a prompt the tokenizer cannot encode fails here, before any output
@@ -210,7 +258,7 @@ def cmd_presets(ns: argparse.Namespace) -> int:
 def cmd_plot(ns: argparse.Namespace) -> int:
     from llmlab.plot import plot_run
 
-    path = plot_run(Path(ns.run_dir), Path(ns.out) if ns.out else None)
+    path = plot_run(Path(ns.run_dir), None if ns.out is None else ns.out)
     print(f"wrote {path}")
     return 0
 
@@ -226,19 +274,22 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ns = build_parser().parse_args(argv)
-    if ns.command != "presets":
-        from llmlab.threads import use_free_cores
-
-        use_free_cores()  # one torch thread per core no other process holds (why: llmlab/threads.py)
     try:
+        if argv is not None and any("\0" in str(a) for a in argv):  # no OS path may hold one
+            raise LlmlabError("an argument contains a NUL byte; paths and values cannot")
+        ns = build_parser().parse_args(argv)
+        if ns.command != "presets":
+            from llmlab.threads import use_free_cores
+
+            use_free_cores()  # one torch thread per core no other process holds (why: llmlab/threads.py)
         return COMMANDS[ns.command](ns)
-    except LlmlabError as e:
+    except LlmlabError as e:  # one line, whatever the message holds (a path with a newline, ...)
         from llmlab.training.loop import RankError
 
         rank = int(os.environ.get("RANK", "0"))  # under torchrun: an error all ranks share prints once
         if rank == 0 or not isinstance(e, RankError):
-            print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
+            msg = one_line(e, limit=2000)
+            print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

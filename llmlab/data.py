@@ -8,6 +8,7 @@ state is checkpointed, so a resumed run sees exactly the batches an uninterrupte
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sysconfig
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from llmlab.errors import LlmlabError
+from llmlab.fsutil import atomic_write_bytes, atomic_write_json, file_mode, one_line
 
 DEFAULT_CORPUS = "stdlib"
 STDLIB_CORPUS_CHARS = 2_000_000
@@ -35,24 +37,6 @@ def cache_dir() -> Path:
     """Where downloads and encoded corpora are cached: $LLMLAB_CACHE, else ~/.cache/llmlab."""
     env = os.environ.get("LLMLAB_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "llmlab"
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + os.replace, so a crash (or two runs racing)
-    never leaves a half-written file where a later run would trust it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- corpora -------------------------------------------------------------------------------
@@ -89,7 +73,7 @@ def _shakespeare_text() -> str:
             data = resp.read()
     except Exception as e:  # URLError, timeouts, HTTP errors, ...: all mean "no usable download"
         raise LlmlabError(
-            f"could not download tiny Shakespeare ({_one_line(e)}); "
+            f"could not download tiny Shakespeare ({one_line(e)}); "
             f"pass a local copy with --data PATH/TO/input.txt"
         ) from None
     digest = hashlib.sha256(data).hexdigest()
@@ -98,7 +82,7 @@ def _shakespeare_text() -> str:
             f"downloaded tiny Shakespeare has the wrong sha256 ({digest[:12]}..., expected "
             f"{SHAKESPEARE_SHA256[:12]}...); pass a local copy with --data PATH/TO/input.txt"
         )
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     return data.decode("utf-8")
 
 
@@ -160,9 +144,31 @@ def ids_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
 
 
+def _cache_is_valid(path: Path, record: Path, dtype: np.dtype, vocab_size: int) -> bool:
+    """A cached ids file is used only if it is exactly the file this code wrote: its size and
+    sha256 match the record written beside it, and every id fits the vocabulary. A truncated file,
+    another corpus's ids or a hand-edited file would otherwise train silently on the wrong tokens."""
+    try:
+        with open(record) as fh:
+            rec = json.load(fh)
+        size = path.stat().st_size
+        if not isinstance(rec, dict) or rec.get("bytes") != size or size == 0 or size % dtype.itemsize:
+            return False
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != rec.get("sha256"):
+            return False
+        return int(np.memmap(path, dtype=dtype, mode="r").max()) < vocab_size
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def encode_corpus(text: str, tokenizer, cache: Optional[Path] = None) -> np.ndarray:
     """Token ids of ``text`` as a read-only np.memmap, cached under ``cache`` (default
-    cache_dir()/"tokens") by sha256(text) + tokenizer.fingerprint(): the second call is free.
+    cache_dir()/"tokens") by sha256(text) + tokenizer.fingerprint(): the second call only verifies
+    the cached file (size + sha256 recorded when it was written; any mismatch re-encodes).
     Ids equal ``tokenizer.encode(text)`` exactly (the text is split only at token-neutral spots)."""
     dtype = ids_dtype(tokenizer.vocab_size)
     if not text:
@@ -170,27 +176,42 @@ def encode_corpus(text: str, tokenizer, cache: Optional[Path] = None) -> np.ndar
     text_hash = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
     directory = Path(cache) if cache is not None else cache_dir() / "tokens"
     path = directory / f"{text_hash[:24]}-{tokenizer.fingerprint()}.{dtype.name}"
-    if path.is_file() and path.stat().st_size > 0 and path.stat().st_size % dtype.itemsize == 0:
+    record = path.with_name(path.name + ".json")
+    if path.is_file() and record.is_file() and _cache_is_valid(path, record, dtype, tokenizer.vocab_size):
         return np.memmap(path, dtype=dtype, mode="r")
 
     encode_batch = getattr(tokenizer, "encode_batch", None) or (lambda ts: [tokenizer.encode(t) for t in ts])
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name + ".", suffix=".tmp")
+    digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as f:  # streamed to disk batch by batch: memory stays bounded
+
+            def put(ids) -> None:
+                data = np.asarray(ids, dtype=dtype).tobytes()
+                digest.update(data)
+                f.write(data)
+
             batch: list[str] = []
             for chunk in _chunks(text, _CHUNK_CHARS):
                 batch.append(chunk)
                 if len(batch) == _CHUNKS_PER_BATCH:
                     for ids in encode_batch(batch):
-                        np.asarray(ids, dtype=dtype).tofile(f)
+                        put(ids)
                     batch = []
             for ids in encode_batch(batch) if batch else []:
-                np.asarray(ids, dtype=dtype).tofile(f)
-        if os.path.getsize(tmp) == 0:  # np.memmap cannot map an empty file
+                put(ids)
+            f.flush()
+            os.fsync(f.fileno())
+        size = os.path.getsize(tmp)
+        if size == 0:  # np.memmap cannot map an empty file
             Path(tmp).unlink()
             return np.zeros(0, dtype=dtype)
+        os.chmod(tmp, file_mode())
+        record.unlink(missing_ok=True)  # never a new record beside an old file, or the reverse
         os.replace(tmp, path)
+        atomic_write_json(record, {"bytes": size, "sha256": digest.hexdigest(), "dtype": dtype.name,
+                                   "vocab_size": tokenizer.vocab_size})
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -261,6 +282,6 @@ class BatchSampler:
             self.generator.set_state(state["generator"].detach().to("cpu", torch.uint8))
         except (KeyError, AttributeError, TypeError, RuntimeError) as e:
             raise LlmlabError(
-                f"cannot restore the batch sampler state ({_one_line(e)}); the checkpoint is from an "
+                f"cannot restore the batch sampler state ({one_line(e)}); the checkpoint is from an "
                 f"incompatible version: start a fresh run"
             ) from None

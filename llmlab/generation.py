@@ -7,6 +7,7 @@ RoPE / sinusoidal / no-position models just keep going: their tables grow.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterator, Optional, Sequence, Union
 
@@ -39,15 +40,32 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_args(temperature, top_k, top_p, max_new_tokens) -> None:
-    if temperature < 0:
-        raise LlmlabError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+def _check_args(temperature, top_k, top_p, max_new_tokens, seed=None) -> None:
+    if not (temperature >= 0 and math.isfinite(temperature)):  # NaN fails every comparison
+        raise LlmlabError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise LlmlabError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise LlmlabError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens < 0:
         raise LlmlabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise LlmlabError(f"seed must be in [0, 2^63), got {seed}")
+
+
+def _check_cache_fits(model, batch: int, max_len: int) -> None:
+    """Refuse a KV cache that cannot fit in memory before allocating it (a huge max_new_tokens on a
+    model whose positions never run out would otherwise end in an allocation traceback or an
+    out-of-memory kill). Keys + values of every layer, in the model's dtype."""
+    from llmlab.checkpoint import _free_memory_bytes
+
+    cfg = model.config
+    elem = model.tok_emb.weight.element_size()
+    need = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * batch * max_len * elem
+    free = _free_memory_bytes() if model.tok_emb.weight.device.type == "cpu" else None
+    if free is not None and need > free:
+        raise LlmlabError(f"a KV cache for {max_len:,} positions needs about {need / 2**30:.1f} GiB but only "
+                          f"{free / 2**30:.1f} GiB of memory is free; ask for fewer new tokens")
 
 
 def _left_pad(prompts: Prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +94,7 @@ def stream(model, prompts: Prompts, max_new_tokens: int, temperature: float = 1.
     stream ends when every row has stopped or after max_new_tokens steps. compile=True runs the
     cached one-token step through torch.compile (llmlab.compiled): the first call compiles
     (seconds), later steps and generations of the same shapes are several times faster."""
-    _check_args(temperature, top_k, top_p, max_new_tokens)
+    _check_args(temperature, top_k, top_p, max_new_tokens, seed)
     if use_cache is None:  # the rung decides: basic/flash recompute (as nanoGPT), later rungs cache
         use_cache = compile or model.config.use_cache
     if compile and not use_cache:
@@ -115,6 +133,7 @@ def _cached_logits(model, idx, pad, max_new_tokens, compile: bool = False):
     window = model.pos.max_positions  # None: positions never run out
     total = t0 + max_new_tokens
     max_len = total if window is None else min(total, window)
+    _check_cache_fits(model, b, max_len)
     cache = model.new_cache(b, max_len)
     step = DecodeStep(model, cache, compile)
     tokens = torch.empty(b, total, dtype=torch.long, device=idx.device)

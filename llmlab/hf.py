@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Union
 
@@ -31,6 +30,7 @@ import torch
 from llmlab.checkpoint import load, read_meta, resolve_checkpoint, save_checkpoint
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
+from llmlab.fsutil import check_out_path, one_line, write_dir_atomically
 from llmlab.hf_deepseek import (config_from_deepseek, config_to_deepseek, rope_to_adjacent_pairs,
                                 rope_to_half_split)
 from llmlab.hf_deepseek import rows as deepseek_rows
@@ -49,11 +49,6 @@ def _transformers():
         raise LlmlabError("Hugging Face conversion needs the `transformers` package; "
                           "install it with `pip install transformers`") from None
     return transformers
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # ---- configs ------------------------------------------------------------------------------------
@@ -76,7 +71,7 @@ def _rope_theta(c) -> float:
 
 
 def config_from_hf(c) -> ModelConfig:
-    """The ModelConfig of an HF GPT-2 / Llama / Qwen2 config (dropout 0: override it to fine-tune)."""
+    """The ModelConfig of an HF GPT-2 / Llama / Qwen2 / DeepSeek-V2 config (dropout 0: override it to fine-tune)."""
     arch = getattr(c, "model_type", None)
     if arch not in ARCHS:
         raise LlmlabError(f"unsupported Hugging Face model_type {arch!r}; llmlab converts: {', '.join(ARCHS)}")
@@ -152,7 +147,7 @@ def config_to_hf(cfg: ModelConfig):
             # Llama biases are all-or-nothing per block part; a missing qkv bias is written as zeros
             return "llama", tf.LlamaConfig(attention_bias=cfg.bias, mlp_bias=cfg.bias, **common)
     except (ValueError, TypeError) as e:  # HF's own config validation
-        raise LlmlabError(f"cannot export to Hugging Face: {_one_line(e)}") from None
+        raise LlmlabError(f"cannot export to Hugging Face: {one_line(e)}") from None
     raise LlmlabError(f"cannot export to Hugging Face: {shape} matches no supported architecture "
                       "(GPT-2 needs learned + layernorm + gelu/gelu_tanh; Llama/Qwen2 need rope + rmsnorm + swiglu)")
 
@@ -231,6 +226,44 @@ def _remap(src: dict[str, torch.Tensor], rows: list[Row], target: dict[str, torc
 
 
 # ---- HF -> llmlab -------------------------------------------------------------------------------
+def _hf_classes(tf, arch: str):
+    """(config class, model class) of an architecture, named explicitly: llmlab never asks the
+    Auto* factories, which could resolve a directory's `auto_map` to code shipped inside it."""
+    return {"gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+            "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM)}[arch]
+
+
+def _plain_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise LlmlabError(f"{path} is not valid JSON ({one_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise LlmlabError(f"{path} is not a JSON object")
+    return obj
+
+
+def _check_safetensors_only(path: Path) -> None:
+    """Only safetensors weights are read. A shard index may name any file, including a pickled
+    `.bin` that transformers would hand to torch.load: every file it names must be a
+    `.safetensors` file beside it, or nothing is loaded."""
+    index = path / SAFETENSORS_FILES[1]
+    if index.is_file():
+        weight_map = _plain_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise LlmlabError(f"{index} has no weight_map; restore the index or re-download the model")
+        for name in sorted(set(map(str, weight_map.values()))):
+            if not name.endswith(".safetensors") or "/" in name or "\\" in name or name.startswith("."):
+                raise LlmlabError(f"{index} names {name!r}; llmlab reads only .safetensors shards in the same "
+                                  "directory and never unpickles weights (convert them to safetensors first)")
+            if not (path / name).is_file():
+                raise LlmlabError(f"{index} names shard {name}, which is missing from {path}")
+    elif not (path / SAFETENSORS_FILES[0]).is_file():
+        raise LlmlabError(f"{path} has no model.safetensors; llmlab never unpickles .bin weights "
+                          "(convert them to safetensors first)")
+
+
 def _load_hf_dir(path: Path):
     tf = _transformers()
     if not path.is_dir():
@@ -238,26 +271,27 @@ def _load_hf_dir(path: Path):
                           "(config.json + model.safetensors), e.g. one written by `huggingface-cli download`")
     if not (path / "config.json").is_file():
         raise LlmlabError(f"{path} holds no Hugging Face model (no config.json)")
+    raw = _plain_json(path / "config.json")
+    if str(raw.get("format", "")).startswith("llmlab"):
+        raise LlmlabError(f"{path} is an llmlab checkpoint, not a Hugging Face model; use llmlab.load")
+    arch = raw.get("model_type")
+    if arch not in ARCHS:  # decided from the JSON alone: no transformers code path is consulted
+        extra = " (its custom code in auto_map is never run)" if "auto_map" in raw else ""
+        raise LlmlabError(f"unsupported Hugging Face model_type {arch!r}{extra}; llmlab converts: {', '.join(ARCHS)}")
+    config_cls, model_cls = _hf_classes(tf, arch)
     try:
-        if json.loads((path / "config.json").read_text()).get("format", "").startswith("llmlab"):
-            raise LlmlabError(f"{path} is an llmlab checkpoint, not a Hugging Face model; use llmlab.load")
-    except (OSError, ValueError, AttributeError):
-        pass  # let AutoConfig report it
-    try:
-        hf_config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        hf_config = config_cls.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises several types for a bad config.json
-        raise LlmlabError(f"{path}/config.json is not a loadable Hugging Face config ({_one_line(e)})") from None
+        raise LlmlabError(f"{path}/config.json is not a loadable Hugging Face config ({one_line(e)})") from None
     config_from_hf(hf_config)  # fail on unsupported models before reading any weights
-    if not any((path / f).is_file() for f in SAFETENSORS_FILES):
-        raise LlmlabError(f"{path} has no model.safetensors; llmlab never unpickles .bin weights "
-                          "(convert them to safetensors first)")
+    _check_safetensors_only(path)
     try:
         dtype_kw = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.x
-        model, info = tf.AutoModelForCausalLM.from_pretrained(
-            str(path), config=hf_config, use_safetensors=True, local_files_only=True,
+        model, info = model_cls.from_pretrained(
+            str(path), config=hf_config, use_safetensors=True, local_files_only=True, trust_remote_code=False,
             output_loading_info=True, **{dtype_kw: torch.float32})
     except Exception as e:
-        raise LlmlabError(f"cannot load the Hugging Face model in {path} ({_one_line(e)})") from None
+        raise LlmlabError(f"cannot load the Hugging Face model in {path} ({one_line(e)})") from None
     bad = sorted(set(info.get("missing_keys", ())) | {m[0] for m in info.get("mismatched_keys", ())})
     if bad:  # HF would have filled these with random init: refuse instead
         raise LlmlabError(f"{path}/model.safetensors lacks or mis-shapes {len(bad)} weight(s) (e.g. {bad[0]})")
@@ -265,7 +299,7 @@ def _load_hf_dir(path: Path):
 
 
 def from_hf(path_or_model: Union[str, os.PathLike, Any], **overrides: Any) -> Transformer:
-    """An llmlab Transformer (fp32, eval mode) from a local HF GPT-2 / Llama / Qwen2 directory or an
+    """An llmlab Transformer (fp32, eval mode) from a local HF GPT-2 / Llama / Qwen2 / DeepSeek-V2 directory or an
     already loaded `*ForCausalLM` model. `overrides` replace config fields (e.g. attn_backend="manual")."""
     if isinstance(path_or_model, (str, os.PathLike)):
         hf_model = _load_hf_dir(Path(path_or_model))
@@ -290,15 +324,17 @@ def from_hf(path_or_model: Union[str, os.PathLike, Any], **overrides: Any) -> Tr
 
 
 # ---- llmlab -> HF -------------------------------------------------------------------------------
-def to_hf(model: Union[Transformer, str, os.PathLike], out_dir: Union[str, os.PathLike]) -> Path:
-    """Write `model` (or the checkpoint at that path) as an HF directory (config.json +
-    model.safetensors) that AutoModelForCausalLM.from_pretrained loads with the same logits."""
+def to_hf(model: Union[Transformer, str, os.PathLike], out_dir: Union[str, os.PathLike],
+          tokenizer=None) -> Path:
+    """Write `model` (or the checkpoint at that path) as a new HF directory (config.json +
+    model.safetensors, + the tokenizer if given) that AutoModelForCausalLM.from_pretrained loads
+    with the same logits. The directory is written atomically; an existing non-empty one is refused."""
     tf = _transformers()
+    check_out_path(out_dir, "the Hugging Face output directory", directory=True)
     if isinstance(model, (str, os.PathLike)):
         model = load(model)
     arch, hf_config = config_to_hf(model.config)
-    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
-           "deepseek_v2": tf.DeepseekV2ForCausalLM}[arch]
+    cls = _hf_classes(tf, arch)[1]
     hf_model = cls(hf_config)  # randomly initialised, then every tensor is overwritten (strict load)
     target = {k: v.shape for k, v in hf_model.state_dict().items()}
     src = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
@@ -306,48 +342,76 @@ def to_hf(model: Union[Transformer, str, os.PathLike], out_dir: Union[str, os.Pa
     if arch == "deepseek_v2":
         weights = rope_to_adjacent_pairs(weights, model.config)
     hf_model.load_state_dict(weights, strict=True)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LlmlabError(f"{out} exists and is not a directory")
-    hf_model.eval().save_pretrained(str(out))  # safetensors (the only format transformers 5.x writes)
+    out = check_out_path(out_dir, "the Hugging Face output directory", directory=True)
+
+    def write(tmp: Path) -> None:
+        hf_model.eval().save_pretrained(str(tmp))  # safetensors (the only format transformers 5.x writes)
+        if tokenizer is not None:
+            _save_hf_tokenizer(tokenizer, tmp)
+
+    _write_export(out, write)
     return out
+
+
+def _write_export(out: Path, write) -> None:
+    """Atomic (a kill leaves no config.json without weights); an empty directory is replaced."""
+    try:
+        if out.is_dir():
+            out.rmdir()  # check_out_path let only an empty one through
+        write_dir_atomically(out, write)
+    except OSError as e:
+        raise LlmlabError(f"cannot write {out} ({one_line(e)}); pass a directory you can write to") from None
+
+
+def _save_hf_tokenizer(tokenizer, directory: Path) -> None:
+    """tokenizer.json + tokenizer_config.json that transformers.AutoTokenizer loads, giving the same
+    ids as llmlab's tokenizer (byte, char and BPE alike)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from llmlab.tokenizer import EOS_TOKEN
+
+    eos = EOS_TOKEN if tokenizer.eos_id is not None else None
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.to_hf(), eos_token=eos)
+    fast.save_pretrained(str(directory))
+    # AutoTokenizer must build exactly this class, not the model_type's default tokenizer (GPT-2's
+    # would add a prefix space / special tokens and change the ids)
+    cfg_path = directory / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 # ---- CLI helpers --------------------------------------------------------------------------------
 def convert_from_hf(src: Union[str, os.PathLike], out_dir: Union[str, os.PathLike]) -> Path:
-    """HF directory -> llmlab run directory `out_dir` with a `last/` checkpoint (written atomically).
-    The source's tokenizer.json (an HF fast-tokenizer file) comes along, so `llmlab sample` works."""
+    """HF directory -> new llmlab run directory `out_dir` with a `last/` checkpoint (written
+    atomically; a non-empty `out_dir` is refused, nothing is overwritten). The source's
+    tokenizer.json comes along (a byte/char vocabulary llmlab exported becomes that kind again)."""
     from llmlab.tokenizer import TOKENIZER_FILE, load_tokenizer
 
+    out = check_out_path(out_dir, "--out", directory=True)
     src = Path(src)
     model = from_hf(src)
-    tokenizer = None
-    if (src / TOKENIZER_FILE).is_file():
-        try:
-            tokenizer = load_tokenizer(src)
-        except LlmlabError:
-            tokenizer = None  # weights still convert; sampling then needs --tokenizer elsewhere
-    target = Path(out_dir) / "last"
-    save_checkpoint(target, model, tokenizer=tokenizer)
+    tokenizer = load_tokenizer(src) if (src / TOKENIZER_FILE).is_file() else None
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise LlmlabError(f"{src}/{TOKENIZER_FILE} has {tokenizer.vocab_size} ids but the model only "
+                          f"{model.config.vocab_size}; they do not belong together")
+    target = out / "last"
+    try:
+        save_checkpoint(target, model, tokenizer=tokenizer)
+    except OSError as e:
+        raise LlmlabError(f"cannot write {target} ({one_line(e)}); pass a directory you can write to") from None
     return target
 
 
 def convert_to_hf(run_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike]) -> Path:
-    """llmlab run/checkpoint directory -> HF directory. A BPE tokenizer (already an HF tokenizers
-    file) is written too, with tokenizer_config.json, so AutoTokenizer loads it."""
-    ckpt = resolve_checkpoint(run_dir)
-    out = to_hf(load(ckpt), out_dir)
-    if read_meta(ckpt).get("tokenizer") == "bpe" and (ckpt / "tokenizer.json").is_file():
-        try:
-            from transformers import PreTrainedTokenizerFast
+    """llmlab run/checkpoint directory -> new HF directory, with its tokenizer (any kind) as a
+    tokenizer.json + tokenizer_config.json that AutoTokenizer loads with the same ids."""
+    from llmlab.tokenizer import TOKENIZER_FILE, load_tokenizer
 
-            from llmlab.tokenizer import EOS_TOKEN, load_tokenizer
-            tok = load_tokenizer(ckpt)
-            eos = EOS_TOKEN if tok.eos_id is not None else None
-            PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token=eos).save_pretrained(str(out))
-        except Exception:  # the weights are the product; fall back to the bare tokenizer file
-            shutil.copy(ckpt / "tokenizer.json", out / "tokenizer.json")
-    return out
+    check_out_path(out_dir, "--to-hf", directory=True)  # before loading anything
+    ckpt = resolve_checkpoint(run_dir)
+    tokenizer = load_tokenizer(ckpt) if (ckpt / TOKENIZER_FILE).is_file() else None
+    return to_hf(load(ckpt), out_dir, tokenizer=tokenizer)
 
 
 __all__ = ["from_hf", "to_hf", "config_from_hf", "config_to_hf", "convert_from_hf", "convert_to_hf"]

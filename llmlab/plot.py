@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from llmlab.errors import LlmlabError
+from llmlab.fsutil import atomic_write_bytes, check_out_path, one_line
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -13,23 +13,49 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise LlmlabError(f"{run_dir} has no metrics.jsonl; pass a run directory written by `llmlab train`")
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            rec = json.loads(line)
         except ValueError:
             continue  # a line cut short by a crash
+        if isinstance(rec, dict):
+            records.append(rec)
     return records
 
 
-def plot_run(run_dir: Path, out: Optional[Path] = None) -> Path:
+def _points(recs: list[dict], key: str) -> list[tuple[float, float]]:
+    # only well-formed numbers: a hand-edited or foreign line is skipped, not a traceback
+    num = (int, float)
+    return [(r["step"], r[key]) for r in recs
+            if isinstance(r.get("step"), num) and isinstance(r.get(key), num) and not isinstance(r.get(key), bool)]
+
+
+def _out_path(run_dir: Path, out) -> Path:
+    """The PNG to write: RUN_DIR/loss.png, --out itself, or loss.png inside an --out directory."""
+    if out is None:
+        return run_dir / "loss.png"
+    if str(out).strip() == "":
+        raise LlmlabError("--out is empty; pass a PNG path or a directory")
+    if Path(out).expanduser().is_dir():
+        out = Path(out).expanduser() / "loss.png"
+    return check_out_path(out, "--out", directory=False)
+
+
+def plot_run(run_dir: Path, out=None) -> Path:
+    """Write the loss curves as a PNG (atomically, whatever the file name's extension) and return
+    the path of the file written."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    run_dir = Path(run_dir)
+    out = _out_path(run_dir, out)
     recs = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    train = _points(recs, "loss")
+    val = _points(recs, "val_loss")
     if not train and not val:
         raise LlmlabError(f"{run_dir / 'metrics.jsonl'} holds no losses yet")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -42,8 +68,12 @@ def plot_run(run_dir: Path, out: Optional[Path] = None) -> Path:
     ax.set_title(run_dir.name)
     ax.legend()
     ax.grid(alpha=0.3)
-    out = out or run_dir / "loss.png"
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    try:
+        atomic_write_bytes(out, png.getvalue())
+    except OSError as e:
+        raise LlmlabError(f"cannot write {out} ({one_line(e)}); pass an --out you can write to") from None
     return out

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmlab.errors import LlmlabError
+from llmlab.fsutil import atomic_write_json, one_line
 
 TOKENIZER_KINDS = ("byte", "char", "bpe")
 TOKENIZER_FILE = "tokenizer.json"
@@ -44,6 +45,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def save(self, directory: Path) -> None: ...
 
+    @abstractmethod
+    def to_hf(self) -> HFTokenizer:
+        """The same vocabulary as a Hugging Face `tokenizers` object (same ids for every text it
+        can encode): what `llmlab convert --to-hf` writes as tokenizer.json."""
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts; BPE overrides this to use the Rust library's thread pool."""
         return [self.encode(t) for t in texts]
@@ -58,10 +64,25 @@ class Tokenizer(ABC):
 
 
 def _write_json(directory: Path, obj: dict) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     # ensure_ascii keeps any character (even a lone surrogate) writable in a plain ASCII file.
-    (directory / TOKENIZER_FILE).write_text(json.dumps(obj, ensure_ascii=True) + "\n", encoding="utf-8")
+    atomic_write_json(Path(directory) / TOKENIZER_FILE, obj, ensure_ascii=True, indent=None)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's bytes_to_unicode: the printable symbol ByteLevel uses for each byte value."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
+_BYTE_SYMBOLS = _byte_symbols()
 
 
 class ByteTokenizer(Tokenizer):
@@ -76,13 +97,30 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         # errors="replace": a sampled id stream may stop (or wander) mid multi-byte character.
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        # An id past 255 (a model with a larger vocabulary) becomes U+FFFD, never a ValueError.
+        out, run = [], bytearray()
+        for i in map(int, ids):
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace") + "\ufffd")
+            run = bytearray()
+        return "".join(out) + run.decode("utf-8", errors="replace")
 
     def _content(self) -> str:
         return ""
 
     def save(self, directory: Path) -> None:
         _write_json(directory, {"llmlab_tokenizer": "byte"})
+
+    def to_hf(self) -> HFTokenizer:
+        # GPT-2's byte-level scheme with the 256 byte symbols as the whole vocabulary (id = byte
+        # value) and no merges: every byte is one token, exactly as encode() does.
+        vocab = {_BYTE_SYMBOLS[b]: b for b in range(256)}
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+        return hf
 
 
 class CharTokenizer(Tokenizer):
@@ -121,6 +159,13 @@ class CharTokenizer(Tokenizer):
 
     def save(self, directory: Path) -> None:
         _write_json(directory, {"llmlab_tokenizer": "char", "chars": self.chars})
+
+    def to_hf(self) -> HFTokenizer:
+        # One token per character (no pre-tokenizer, no merges: BPE splits the text into its
+        # characters and looks each up); Fuse joins decoded tokens without the default spaces.
+        hf = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(self.chars)}, merges=[]))
+        hf.decoder = decoders.Fuse()
+        return hf
 
 
 class BPETokenizer(Tokenizer):
@@ -191,6 +236,9 @@ class BPETokenizer(Tokenizer):
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / TOKENIZER_FILE))  # the plain HF file: other tools can load it
 
+    def to_hf(self) -> HFTokenizer:
+        return self.hf
+
 
 def build_tokenizer(kind: str, text: str, vocab_size: Optional[int] = None) -> Tokenizer:
     """Make a tokenizer of ``kind`` for ``text`` (vocab_size only matters for bpe)."""
@@ -213,7 +261,7 @@ def load_tokenizer(directory: Path | str) -> Tokenizer:
         raw = path.read_text(encoding="utf-8")
         obj = json.loads(raw)
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LlmlabError(f"{corrupt} ({_one_line(e)}); delete it and retrain the tokenizer") from None
+        raise LlmlabError(f"{corrupt} ({one_line(e)}); delete it and retrain the tokenizer") from None
     if not isinstance(obj, dict):
         raise LlmlabError(f"{corrupt} (not a JSON object); delete it and retrain the tokenizer")
     kind = obj.get("llmlab_tokenizer")
@@ -228,11 +276,29 @@ def load_tokenizer(directory: Path | str) -> Tokenizer:
         raise LlmlabError(
             f"{path} names unknown tokenizer kind {kind!r}; expected one of: {', '.join(TOKENIZER_KINDS)}"
         )
+    exported = _exported_kind(obj)
+    if exported is not None:  # a byte/char vocabulary llmlab wrote for Hugging Face: ours again
+        return exported
     try:  # not ours: a Hugging Face tokenizers file
         return BPETokenizer(HFTokenizer.from_str(raw))
     except Exception as e:  # the Rust side raises plain Exception on a bad file
-        raise LlmlabError(f"{corrupt} ({_one_line(e)}); delete it and retrain the tokenizer") from None
+        raise LlmlabError(f"{corrupt} ({one_line(e)}); delete it and retrain the tokenizer") from None
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
+def _exported_kind(obj: dict) -> Optional[Tokenizer]:
+    """The ByteTokenizer / CharTokenizer whose to_hf() wrote this tokenizer.json, else None."""
+    model = obj.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("merges"):
+        return None
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or obj.get("added_tokens") or obj.get("normalizer") is not None:
+        return None
+    pre, dec = obj.get("pre_tokenizer") or {}, obj.get("decoder") or {}
+    if pre.get("type") == "ByteLevel" and dec.get("type") == "ByteLevel" and \
+            vocab == {_BYTE_SYMBOLS[b]: b for b in range(256)}:
+        return ByteTokenizer()
+    if not pre and dec.get("type") == "Fuse" and all(isinstance(k, str) and len(k) == 1 for k in vocab):
+        chars = "".join(sorted(vocab, key=vocab.get))
+        if chars and chars == "".join(sorted(set(chars))) and sorted(vocab.values()) == list(range(len(chars))):
+            return CharTokenizer(chars)
+    return None

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from llmlab import data
 from llmlab.data import (
-    DEFAULT_CORPUS,
     SHAKESPEARE_SHA256,
     BatchSampler,
     cache_dir,
@@ -47,7 +46,6 @@ def stdlib_text() -> str:
 
 # ---- corpora -----------------------------------------------------------------------------------
 def test_stdlib_corpus_deterministic_and_nontrivial(stdlib_text):
-    assert DEFAULT_CORPUS == "stdlib"
     assert stdlib_corpus_text() == stdlib_text
     assert 500_000 < len(stdlib_text) < 2_000_000 + 500_000
     headers = [line[len("# file: "):] for line in stdlib_text.splitlines() if line.startswith("# file: ")]
@@ -161,7 +159,8 @@ def test_encode_corpus_caches(kind, stdlib_text, tmp_path):
     second = encode_corpus(text, tok, cache=tmp_path / "tok")
     assert tok.calls == calls  # served from the cache: no encoding at all
     assert isinstance(second, np.memmap) and np.array_equal(first, second)
-    assert len(list((tmp_path / "tok").iterdir())) == 1  # no temp files left behind
+    # the ids and their record (size + sha256); no temp files left behind
+    assert sorted(p.suffix for p in (tmp_path / "tok").iterdir()) == [".json", ".uint16"]
 
 
 def test_encode_corpus_default_cache_and_key(tmp_path):
@@ -171,7 +170,7 @@ def test_encode_corpus_default_cache_and_key(tmp_path):
     assert list((cache_dir() / "tokens").iterdir())  # default location under $LLMLAB_CACHE
     encode_corpus("abc\ncab\n", CharTokenizer("abcd\n"))  # another tokenizer: another key
     encode_corpus("abc\ncab\nabc\n", tok)  # another text: another key
-    assert len(list((cache_dir() / "tokens").iterdir())) == 3
+    assert len(list((cache_dir() / "tokens").glob("*.uint16"))) == 3
     assert len(encode_corpus("", tok)) == 0
 
 
@@ -179,6 +178,41 @@ def test_encode_corpus_failure_leaves_no_files(tmp_path):
     with pytest.raises(LlmlabError):
         encode_corpus("abc xyz", CharTokenizer("abc"), cache=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def _damage(kind: str, path: Path, vocab: int) -> None:
+    ids = np.fromfile(path, dtype=np.uint16)
+    if kind == "truncated":  # e.g. a disk-full or a copy cut short
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "other ids":  # valid ids of another text: same size, wrong corpus
+        np.roll(ids, 7).tofile(path)
+    else:  # "past vocab": would index past the embedding table
+        ids[3] = vocab + 5
+        ids.tofile(path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "other ids", "past vocab"])
+def test_damaged_token_cache_is_rebuilt(kind, tmp_path):
+    text = "the quick brown fox\njumps over the lazy dog\n" * 40
+    tok = Counting(CharTokenizer(text))
+    want = encode_corpus(text, tok, cache=tmp_path).tolist()
+    [path] = tmp_path.glob("*.uint16")
+    _damage(kind, path, tok.vocab_size)
+    calls = tok.calls
+    got = encode_corpus(text, tok, cache=tmp_path)
+    assert tok.calls > calls  # not trusted: encoded again
+    assert got.tolist() == want == tok.inner.encode(text)
+
+
+def test_token_cache_without_its_record_is_rebuilt(tmp_path):
+    text = "abc\ncab\n" * 10
+    tok = Counting(CharTokenizer(text))
+    encode_corpus(text, tok, cache=tmp_path)
+    [record] = tmp_path.glob("*.json")
+    record.unlink()  # e.g. a cache written by an older llmlab, or a crash between the two writes
+    calls = tok.calls
+    assert encode_corpus(text, tok, cache=tmp_path).tolist() == tok.inner.encode(text)
+    assert tok.calls > calls and record.is_file()
 
 
 @pytest.fixture(scope="module")
@@ -250,12 +284,16 @@ def test_same_seed_same_batches_and_resume():
         assert torch.equal(rx, x) and torch.equal(ry, y)
 
 
-def test_state_dict_survives_torch_save(tmp_path):
+def test_state_dict_survives_the_checkpoint_format(tmp_path):
+    """The sampler state travels in train_state.safetensors (never pickled): it must round-trip."""
+    from safetensors.torch import load_file, save_file
+
     s = BatchSampler(IDS, 16, 4, seed=1)
-    torch.save({"sampler": s.state_dict()}, tmp_path / "ckpt.pt")
+    s.next()
+    save_file(s.state_dict(), str(tmp_path / "state.safetensors"))
     want = s.next()
     r = BatchSampler(IDS, 16, 4, seed=2)
-    r.load_state_dict(torch.load(tmp_path / "ckpt.pt")["sampler"])
+    r.load_state_dict(load_file(str(tmp_path / "state.safetensors")))
     assert torch.equal(r.next()[0], want[0])
     with pytest.raises(LlmlabError):
         r.load_state_dict({})

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny
-from llmlab import Transformer, generate
+from llmlab import LlmlabError, Transformer, generate
 from llmlab.generation import sample_next, stream
 from llmlab.presets import PRESETS
 
@@ -159,7 +159,7 @@ def test_compile_failure_falls_back_to_eager_and_warns_once(monkeypatch):
         warnings.simplefilter("error", RuntimeWarning)
         for m in (model, other):
             assert torch.equal(generate(m, idx, 4, temperature=0, compile=True), generate(m, idx, 4, temperature=0))
-    with pytest.raises(Exception, match="use_cache=False"):
+    with pytest.raises(LlmlabError, match="use_cache=False"):
         generate(model, idx, 2, compile=True, use_cache=False)
 
 

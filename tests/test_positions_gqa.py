@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny
-from llmlab import Transformer, generate
+from llmlab import Transformer
 from llmlab.model.positions import apply_rope, rope_tables, sinusoidal_table
 
 
@@ -108,5 +108,5 @@ def test_cached_decode_past_block_size_equals_recompute(preset):
         model(idx[:, :10], cache, 0)
         steps = torch.cat([model(idx[:, t:t + 1], cache, t) for t in range(10, 40)], 1)
     assert (steps - full[:, 10:]).abs().max() <= 1e-5
-    out = generate(model, idx[:, :6], 30, temperature=0)
-    assert torch.equal(out, generate(model, idx[:, :6], 30, temperature=0, use_cache=False))
+    # (greedy generation past block_size, cached vs recomputed, is test_generate's
+    # test_generation_past_block_size; these logits are the stronger check)
