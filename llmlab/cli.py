@@ -23,8 +23,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--tokenizer", choices=["byte", "char", "bpe"], help="default byte")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 1024)")
     for flag in ("--n-layer", "--n-head", "--n-kv-head", "--n-embd", "--block-size", "--batch-size",
-                 "--grad-accum", "--max-iters", "--warmup-iters", "--eval-interval", "--eval-iters",
-                 "--seed", "--sample-tokens"):
+                 "--grad-accum", "--max-iters", "--warmup-iters", "--lr-decay-iters", "--eval-interval",
+                 "--eval-iters", "--seed", "--sample-tokens"):
         p.add_argument(flag, type=int)
     for flag in ("--lr", "--min-lr", "--dropout", "--weight-decay", "--grad-clip"):
         p.add_argument(flag, type=float)
