@@ -107,9 +107,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         # continue with the run's own settings (data, tokenizer, schedule...); flags given now win
         from llmlab.checkpoint import read_meta
 
-        last = Path(values["out"]) / "last"
-        if (last / "config.json").is_file():
-            values = {**read_meta(last).get("train", {}), **values}
+        for last in (Path(values["out"]) / "last", Path(values["out"]) / ".last.old"):  # .old: train() repairs
+            if (last / "config.json").is_file():
+                values = {**read_meta(last).get("train", {}), **values}
+                break
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     unknown = sorted(set(values) - known)
     if unknown:

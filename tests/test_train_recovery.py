@@ -58,14 +58,15 @@ def test_resume_of_a_finished_run_is_one_line_and_writes_nothing(run10, tmp_path
     assert snapshot(run) == before
 
 
-def test_kill_between_the_renames_of_last_is_recovered(run10, tmp_path):
+def test_kill_between_the_renames_of_last_is_recovered(run10, tmp_path, capsys):
     """write_dir_atomically renames last/ to .last.old, then .last.tmp to last/: a kill between
     the two leaves no last/. The next start renames .last.old back and resumes from it."""
     run = fresh_copy(run10, tmp_path)
     os.replace(run / "last", run / ".last.old")
     shutil.copytree(run / ".last.old", run / ".last.tmp")  # the new one, complete or not: never used
     (run / ".last.tmp" / "model.safetensors").write_bytes(b"torn")
-    train(args(run, max_iters=12, eval_interval=5, resume=True))
+    # through the CLI, which reads the run's settings (model size, data...) from the checkpoint
+    assert cli(["train", "--out", str(run), "--resume", "--max-iters", "12"]) == 0
     steps = [r["step"] for r in records(run) if "loss" in r]
     assert steps == list(range(12))
     assert not (run / ".last.old").exists() and not (run / ".last.tmp").exists()
