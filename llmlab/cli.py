@@ -38,8 +38,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--tokenizer", choices=["byte", "char", "bpe"], help="default byte")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 1024)")
     for flag in ("--n-layer", "--n-head", "--n-kv-head", "--n-embd", "--block-size", "--batch-size",
-                 "--grad-accum", "--max-iters", "--warmup-iters", "--eval-interval", "--eval-iters",
-                 "--seed", "--sample-tokens"):
+                 "--grad-accum", "--max-iters", "--warmup-iters", "--lr-decay-iters", "--eval-interval",
+                 "--eval-iters", "--seed", "--sample-tokens"):
         p.add_argument(flag, type=int)
     for flag in ("--lr", "--min-lr", "--dropout", "--weight-decay", "--grad-clip"):
         p.add_argument(flag, type=float)
@@ -139,9 +139,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         # continue with the run's own settings (data, tokenizer, schedule...); flags given now win
         from llmlab.checkpoint import read_meta
 
-        last = Path(values["out"]) / "last"
-        if (last / "config.json").is_file():
-            values = {**read_meta(last).get("train", {}), **values}
+        for last in (Path(values["out"]) / "last", Path(values["out"]) / ".last.old"):  # .old: train() repairs
+            if (last / "config.json").is_file():
+                values = {**read_meta(last).get("train", {}), **values}
+                break
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -210,3 +210,28 @@ def test_ddp_reduces_gradients_once_per_step_with_accumulation(use_no_sync, redu
         ranks.close()
     buckets = len(set(calls))
     assert len(calls) == reductions * buckets
+
+
+def test_compile_refused_under_parallel_trains_eagerly(tmp_path, references, monkeypatch):
+    """--parallel --compile compiles each block; torch.compile failing falls back to eager."""
+    def refuse(*a, **k):
+        raise RuntimeError("dynamo does not support this Python")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    run = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="torch.compile of a transformer block failed"):
+        train(TrainArgs(**{**TINY, "batch_size": 8, "parallel": "ddp", "compile": True, "out": str(run)}))
+    assert_same_losses(references["flash"], run)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_fsdp_follow_eager(tmp_path, references):
+    """--parallel fsdp --compile (one rank; inductor on CPU: tens of seconds cold)."""
+    import warnings
+
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(TrainArgs(**{**TINY, "batch_size": 8, "parallel": "fsdp", "compile": True, "out": str(run)}))
+    assert not [w for w in caught if "torch.compile of" in str(w.message)]  # compiled, not the eager fallback
+    assert_same_losses(references["flash"], run, tol=1e-3)

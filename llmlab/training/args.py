@@ -29,6 +29,7 @@ class TrainArgs:
     lr: float = 2e-3
     min_lr: Optional[float] = None  # None: lr / 10
     warmup_iters: int = 50
+    lr_decay_iters: Optional[int] = None  # the cosine ends here, then min_lr; None: max_iters (saved with the run)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -57,6 +58,8 @@ class TrainArgs:
                   (self.batch_threads >= 1, f"--batch-threads must be >= 1, got {self.batch_threads}"),
                   (self.batch_threads <= self.batch_size,
                    f"--batch-threads {self.batch_threads} needs --batch-size >= {self.batch_threads} (one row a shard)"),
+                  (self.lr_decay_iters is None or self.lr_decay_iters >= 1,
+                   f"--lr-decay-iters must be >= 1, got {self.lr_decay_iters}"),
                   (self.min_lr is None or self.min_lr >= 0, f"--min-lr must be >= 0, got {self.min_lr}"),
                   (self.parallel in PARALLEL, f"--parallel must be one of {', '.join(PARALLEL)}, got {self.parallel}"),
                   # shards add their gradients straight into .grad, past the hooks DDP and FSDP sync with

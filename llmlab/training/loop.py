@@ -20,9 +20,10 @@ from llmlab.errors import LlmlabError
 from llmlab.presets import preset_config
 from llmlab.tokenizer import build_tokenizer, load_tokenizer
 from llmlab.training import checkpoints, parallel
-from llmlab.training.args import TrainArgs
+from llmlab.training.args import MODEL_FLAGS, TrainArgs
 from llmlab.training.device import pick_device, use_bf16
 from llmlab.training.evaluate import mean_loss, sampled_batches
+from llmlab.training.rundir import RunLock, recover
 from llmlab.training.schedule import schedule_for
 from llmlab.training.step import StepConfig, TrainStep, make_optimizer
 
@@ -49,30 +50,64 @@ def prepare(a: TrainArgs, out: Path):
     return tokenizer, train_ids, val_ids, config
 
 
-def _check_run_dir(a: TrainArgs) -> Path:
+def _run_dir(a: TrainArgs) -> Path:
     if a.out is None:
         if a.resume:
             raise LlmlabError("--resume needs --out RUN_DIR: the run to continue")
         if parallel.launched_ranks() > 1:  # each rank would pick its own timestamp
             raise LlmlabError("--parallel under torchrun needs --out RUN_DIR (one directory for all ranks)")
         a.out = time.strftime(f"runs/{a.preset}-%Y%m%d-%H%M%S")
-    out = Path(a.out)
+    return Path(a.out)
+
+
+# Settings that make the model and its tokens: a resumed run keeps its own, so differing ones are errors.
+FIXED_ON_RESUME = MODEL_FLAGS + ("preset", "tokenizer", "vocab_size")
+
+
+def _check_run_dir(a: TrainArgs, out: Path) -> None:
+    """Refuse what cannot start: a resume with nothing (or nothing left) to do or other model or
+    tokenizer settings, a fresh start over an existing run. Nothing has been written yet."""
     if a.resume and not (out / "last").exists():
         raise LlmlabError(f"--resume: {out} has no last checkpoint to resume; drop --resume to start a new run")
     if not a.resume and ((out / "last").exists() or (out / "best").exists()):
         raise LlmlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    return out
+    if not a.resume:
+        if a.lr_decay_iters is None:  # saved with the run: extending it later keeps this schedule
+            a.lr_decay_iters = a.max_iters
+        return
+    meta = ckpt.read_meta(out / "last")
+    saved = meta.get("train", {})
+    for key in FIXED_ON_RESUME:
+        if key in saved and getattr(a, key) != saved[key]:
+            raise LlmlabError(f"--{key.replace('_', '-')} {getattr(a, key)} differs from the run's {saved[key]}: "
+                              "a resumed run keeps its model and tokenizer; drop the flag")
+    if a.lr_decay_iters is None:  # the run's own horizon (the CLI merges it already; train() callers too)
+        a.lr_decay_iters = saved.get("lr_decay_iters")
+    step = int(meta.get("state", {}).get("step", 0))
+    if step >= a.max_iters:
+        raise LlmlabError(f"{out} finished at step {step} (--max-iters {a.max_iters}); nothing to do: pass a "
+                          f"larger --max-iters to train on")
 
 
 def train(a: TrainArgs) -> dict[str, Any]:
     """Run (or resume) training; returns a summary (rank 0's; the others get the same numbers).
     Raises LlmlabError on bad input."""
     a.validate()
-    out = _check_run_dir(a)
+    out = _run_dir(a)
     ranks, device = parallel.start(a.parallel, pick_device(a.device))
+    lock = None
     try:
+        if ranks.is_main:  # one train per run directory; then repair what a kill left in it
+            lock = RunLock(out)
+            for line in recover(out):
+                if not a.quiet:
+                    print(f"llmlab: {line}", file=sys.stderr)
+        ranks.barrier()
+        _check_run_dir(a, out)
         return _train(a, out, ranks, device)
     finally:
+        if lock is not None:
+            lock.release()
         ranks.close()
 
 

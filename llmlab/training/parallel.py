@@ -131,9 +131,12 @@ def build(config: ModelConfig, parallel: str, device: str, ranks: Ranks, seed: i
             model = Transformer(config)
     if activation_checkpointing:
         _checkpoint_activations(model)
-    if compile:
-        for block in model.blocks:  # per block, before sharding (torchtitan's order)
-            block.compile()
+    if compile:  # per block, before sharding (torchtitan's order); FSDP's hooks stay outside the graphs
+        from llmlab.compiled import CompiledOrEager
+
+        for block in model.blocks:
+            eager = block.forward
+            block.forward = CompiledOrEager(eager, lambda f=eager: torch.compile(f), "a transformer block")
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -22,5 +22,7 @@ class LRSchedule:
 
 
 def schedule_for(a) -> LRSchedule:
-    """The schedule of TrainArgs `a` (min_lr defaults to lr / 10; the cosine spans max_iters)."""
-    return LRSchedule(a.lr, a.lr / 10 if a.min_lr is None else a.min_lr, a.warmup_iters, a.max_iters)
+    """The schedule of TrainArgs `a`: min_lr defaults to lr / 10, the cosine ends at lr_decay_iters
+    (default max_iters; a run saves the value it started with, so extending it keeps the schedule)."""
+    decay = a.max_iters if a.lr_decay_iters is None else a.lr_decay_iters
+    return LRSchedule(a.lr, a.lr / 10 if a.min_lr is None else a.min_lr, a.warmup_iters, decay)
