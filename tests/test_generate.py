@@ -171,16 +171,17 @@ def test_uncompiled_decoding_keeps_dynamo_guards(monkeypatch):
     assert calls == []
 
 
-@pytest.mark.slow
-def test_several_models_compiled_in_one_process_keep_their_own_graphs():
-    """Each model gets its own compiled step: three models (two batch sizes each) under a recompile
-    limit of 2 still compile, give their eager tokens, and never fall back (which would warn)."""
+def test_several_models_compiled_in_one_process_keep_their_own_graphs(monkeypatch):
+    """Each model gets its own compiled step: three models under a recompile limit of 1 still
+    compile, give their eager tokens, and never fall back (which would warn). Dynamo's tracing and
+    its limit are what is tested, so the graphs run on dynamo's eager backend (no C++ compile)."""
     import warnings
 
-    models = [Transformer(tiny(preset=p, block_size=64)).eval() for p in ("kv_cache", "gqa", "rope_mla")]
-    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, fullgraph=True, backend="eager"))
+    models = [Transformer(tiny(preset=p, block_size=64, n_layer=1)).eval() for p in ("kv_cache", "gqa", "rope_mla")]
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
         warnings.simplefilter("error", RuntimeWarning)
         for m in models:
-            for b in (1, 2):
-                idx = torch.randint(0, 97, (b, 5))
-                assert torch.equal(generate(m, idx, 6, temperature=0, compile=True), generate(m, idx, 6, temperature=0))
+            idx = torch.randint(0, 97, (2, 5))
+            assert torch.equal(generate(m, idx, 6, temperature=0, compile=True), generate(m, idx, 6, temperature=0))
