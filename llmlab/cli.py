@@ -107,7 +107,7 @@ def _compare_parser(sub) -> None:
                    help="also time the compiled decode step where it applies (10-30 s to compile per preset)")
     p.add_argument("--val-tokens", type=int, default=None,
                    help="the whole-split val loss over at most this many tokens (default: all of them)")
-    p.add_argument("--threads", type=int, default=S.threads, help="torch threads per preset (default: torch's)")
+    p.add_argument("--threads", type=int, default=S.threads, help="torch threads per preset (default 1: steady on a shared machine; 0: torch's default)")
     p.add_argument("--device", default=S.device, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--set", action="append", default=[], metavar="PRESET:KEY=VALUE",
                    help="one preset's own setting, e.g. gqa:n_kv_head=1 (repeatable)")

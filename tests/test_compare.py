@@ -143,11 +143,13 @@ def test_bad_input_is_one_line(capsys, tmp_path, argv, words):
         assert w in lines[0]
 
 
-def test_out_that_is_a_file(capsys, tmp_path):
+def test_out_that_is_a_file_or_holds_other_things(capsys, tmp_path):
     f = tmp_path / "f"
     f.write_text("x")
     code, _, err = run(capsys, "compare", "--presets", "basic", "--out", f, "--quiet")
     assert code == 2 and "is a file" in err
+    code, _, err = run(capsys, "compare", "--presets", "basic", "--out", tmp_path, "--quiet")
+    assert code == 2 and "not a comparison" in err and not (tmp_path / "runs").exists()
 
 
 def test_nothing_but_mean_loss_evaluates():

@@ -90,9 +90,9 @@ def write_report(out: Path, results: list[dict[str, Any]], s, wall_s: float) -> 
     data = s.data or "the built-in corpus (Python standard-library sources)"
     text = f"""# llmlab compare
 
-- Date: {date}{when}. Machine: {machine()}; device {ok[0]['device'] if ok else s.device}, {s.threads or 'default'} torch threads.
-- Wall time: {wall_s:.0f} s for this invocation ({len(results) - reused} preset(s) run, {reused} reused);
-  the presets' own processes took {measured_s:.0f} s together.
+- Date: {date}{when}. Machine: {machine()}; device {ok[0]['device'] if ok else s.device}; torch threads per preset: {s.threads or "torch's default"}.
+- Time: the presets' processes (training and measuring) took {measured_s:.0f} s together; this invocation
+  ran {len(results) - reused} preset(s) and reused {reused} finished earlier, in {wall_s:.0f} s.
 - Same for every preset: data {data}, tokenizer {s.tokenizer}, seed {s.seed}, {s.max_iters} steps of
   {s.batch_size} x {s.block_size} tokens (lr {s.lr}, warmup and cosine as `llmlab train`), evals every
   {s.eval_interval} steps over {s.eval_iters} batches; sizes n_layer {s.n_layer}, n_head {s.n_head}, n_embd {s.n_embd}.
@@ -107,7 +107,7 @@ Columns: **val loss (last eval)**: mean cross-entropy (nats/token) of the final 
 batches `llmlab train` logs; **whole val split**: the same evaluation (`llmlab.training.evaluate.mean_loss`)
 over every consecutive {s.block_size}-token window of the validation split{f' (its first {s.val_tokens:,} tokens)' if s.val_tokens else ''}. **train tokens/s**: median
 over the training steps (first {WARMUP_STEPS} left out). **peak memory**: on a CPU the peak resident memory of the
-preset's process after training (Python and torch included, ~0.3 GiB of it), on CUDA
+preset's process after training (Python and torch included), on CUDA
 `torch.cuda.max_memory_allocated`. **decode tokens/s @ C**: batch-1 greedy decoding of
 {s.decode_steps} tokens after a context of C tokens through `llmlab.stream`, on the rung's own path
 (*recompute*: the whole window every token, as nanoGPT; *cache*: its KV/latent cache; *paged kernel*:
@@ -147,27 +147,32 @@ def write_plots(out: Path, ok: list[dict[str, Any]]) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     paths = {}
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in ok:
+    def style(i: int) -> dict:  # ten colours, then the same colours dash-dotted: 11+ presets stay apart
+        return {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "-."}
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, r in enumerate(ok):
         if r["val_curve"]:
             steps, losses = zip(*r["val_curve"])
-            ax.plot(steps, losses, "o-", ms=3, label=r["preset"])
-    ax.set(xlabel="step", ylabel="val loss (nats/token)", title="validation loss vs step")
+            ax.plot(steps, losses, marker="o", ms=3, label=r["preset"], **style(i))
+    ax.set(xlabel="step", ylabel="val loss (nats/token)", title="validation loss vs step (same data, seed, steps)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     paths["val_loss"] = _save(fig, out / PLOTS["val_loss"])
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     for i, r in enumerate(ok):
         ctx = [d["context"] for d in r["decode"]]
-        line, = ax.plot(ctx, [d["tokens_per_s"] for d in r["decode"]], "o-", label=f"{r['preset']} ({r['decode_path']})")
+        ax.plot(ctx, [d["tokens_per_s"] for d in r["decode"]], marker="o", label=f"{r['preset']} ({r['decode_path']})",
+                **style(i))
         comp = [d["compiled_tokens_per_s"] for d in r["decode"]]
         if all(c is not None for c in comp):
-            ax.plot(ctx, comp, "s--", color=line.get_color(), label=f"{r['preset']} (compiled)")
+            ax.plot(ctx, comp, marker="s", color=f"C{i % 10}", linestyle=":", label=f"{r['preset']} (compiled)")
     ax.set(xlabel="context length (tokens)", ylabel="decode tokens/s (batch 1)", title="decode speed vs context")
     ax.set_yscale("log")
+    ax.set_xticks(sorted({d["context"] for r in ok for d in r["decode"]}))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     paths["decode"] = _save(fig, out / PLOTS["decode"])
 
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -24,7 +24,7 @@ RESULT = "compare.json"  # a preset's measurements, in its run directory
 WARMUP_STEPS = 5  # train steps whose tokens/s are left out of the median (allocation, first-call costs)
 
 # Every setting of a comparison the presets share, with defaults sized for a 2-core CPU: all eleven
-# rungs train and are measured in about 10-15 minutes.
+# rungs train and are measured in about 23 minutes on this project's shared 2 cores (docs/ladder.md).
 TRAIN_KEYS = ("data", "tokenizer", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
               "lr", "eval_interval", "eval_iters", "seed", "device")
 MEASURE_KEYS = ("contexts", "decode_steps", "repeats", "compile", "val_tokens", "threads")
@@ -53,7 +53,9 @@ class CompareSettings:
     repeats: int = 3
     compile: bool = True  # also time the compiled decode step where it applies
     val_tokens: Optional[int] = None  # the whole-split loss over at most this many tokens (None: all)
-    threads: int = 0  # torch threads in each preset's process (0: torch's default)
+    # torch threads in each preset's process (0: torch's default). One by default: on a shared machine
+    # two OpenMP threads spin-wait for a busy core and slow every op many times over, noisily
+    threads: int = 1
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # preset -> {setting: value}
     fresh: bool = False
     quiet: bool = False
@@ -92,6 +94,9 @@ class CompareSettings:
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise LlmlabError(f"--out {out} is a file; pass a directory for the comparison")
+        # never spread a comparison into a directory that holds something else (a run, a project)
+        if out.is_dir() and any(out.iterdir()) and not ((out / "runs").is_dir() or (out / "results.json").exists()):
+            raise LlmlabError(f"--out {out} holds other files, not a comparison; pass a new or empty directory")
 
     def spec(self, preset: str) -> dict[str, Any]:
         train = {k: getattr(self, k) for k in TRAIN_KEYS} | {"preset": preset}
