@@ -158,3 +158,14 @@ def test_nothing_but_mean_loss_evaluates():
     users = sorted(str(p.relative_to(root)) for d in ("llmlab", "benchmarks") for p in (root / d).rglob("*.py")
                    if re.search(r"\.loss\(", p.read_text()))
     assert users == ["llmlab/training/evaluate.py", "llmlab/training/parallel.py"]  # parallel: the training loss
+
+
+def test_fresh_trains_again(capsys, tmp_path, corpus):
+    out = tmp_path / "c"
+    argv = ["compare", "--presets", "basic", "--data", corpus, "--out", out, *TINY[:-2]]
+    assert run(capsys, *argv)[0] == 0
+    (out / "runs" / "basic" / "marker").write_text("from the first run")
+    code, _, _ = run(capsys, *argv, "--fresh")
+    results = json.loads((out / "results.json").read_text())
+    assert code == 0 and results[0]["status"] == "ok" and "reused" not in results[0]
+    assert not (out / "runs" / "basic" / "marker").exists()  # the run directory was started over
