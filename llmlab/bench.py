@@ -4,7 +4,8 @@ and cache bytes per token. Every llmlab number is timed through the public gener
 
 Every timing is a median over repeats, and runs that are compared are interleaved (HF, llmlab, HF,
 llmlab, ...) so background load hits both sides alike. The last line printed is a JSON object with
-the key numbers.
+the key numbers. Measuring and printing are apart: measure_* return numbers (`llmlab compare`
+reuses measure_contexts and cache_bytes_entry), print_* format them.
 """
 from __future__ import annotations
 
@@ -159,23 +160,11 @@ def _threads(n: int):
         torch.set_num_threads(old)
 
 
-# ---- tables ---------------------------------------------------------------------------------------------
-def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for j, r in enumerate(cells):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def _fmt(x: Optional[float], digits: int = 0) -> str:
-    return "n/a" if x is None or x != x else f"{x:,.{digits}f}"
-
-
-def table_speed(hf, model, prompt: torch.Tensor, new_tokens: int, repeats: int, compile: bool,
-                weights_shared: bool) -> dict[str, Any]:
+# ---- measuring (numbers only; the printers below format them) ----------------------------------
+def measure_speed(hf, model, prompt: torch.Tensor, new_tokens: int, repeats: int, compile: bool,
+                  weights_shared: bool) -> dict[str, Any]:
+    """Greedy generate() tokens/s of each run (HF, llmlab cached / compiled / recomputed), timed
+    interleaved, and whether each run's tokens equal llmlab's cached ones. Prints nothing."""
     from llmlab.generation import generate
 
     n = new_tokens
@@ -191,33 +180,30 @@ def table_speed(hf, model, prompt: torch.Tensor, new_tokens: int, repeats: int, 
         compile_s, _ = _timed(runs[COMPILED_RUN])  # the first call compiles: timed apart
     runs[UNCACHED_RUN] = lambda: generate(model, prompt, n, temperature=0, use_cache=False)[0, -n:]
     times, outs = interleaved(runs, repeats)
-    tps = {k: n / median(v) for k, v in times.items()}
+    same = {name: (None if name == HF_RUN and not weights_shared else torch.equal(outs[CACHED_RUN], out))
+            for name, out in outs.items() if name != CACHED_RUN}
+    return {"prompt_len": prompt.shape[1], "new_tokens": n, "repeats": repeats, "compile_s": compile_s,
+            "tokens_per_s": {k: n / median(v) for k, v in times.items()},
+            "ms_per_token": {k: 1000 * median(v) / n for k, v in times.items()}, "same_tokens": same}
+
+
+def speed_summary(m: dict[str, Any]) -> dict[str, Any]:
+    """The JSON keys of measure_speed's numbers (the benchmark's last line)."""
+    tps = m["tokens_per_s"]
     hf_tps = tps.get(HF_RUN)
-    rows = [[k, _fmt(v), _fmt(1000 * median(times[k]) / n, 2),
-             "1.00x" if k == HF_RUN else (f"{v / hf_tps:.2f}x" if hf_tps else "n/a")] for k, v in tps.items()]
-    print_table(f"Table 1: greedy decode, batch 1, prompt {prompt.shape[1]}, {n} new tokens "
-                f"(median of {repeats})", ["run", "tokens/s", "ms/token", "vs HF"], rows)
-    if compile_s is not None:
-        print(f"compile: the first compiled generate() took {compile_s:.1f} s (torch.compile of the decode "
-              "step; inductor's on-disk cache makes later processes faster)")
     res: dict[str, Any] = {"hf_tokens_per_s": hf_tps, "llmlab_cached_tokens_per_s": tps[CACHED_RUN],
                            "llmlab_uncached_tokens_per_s": tps[UNCACHED_RUN]}
     if hf_tps:
         res["ratio"] = tps[CACHED_RUN] / hf_tps
-    if compile:
+    if COMPILED_RUN in tps:
         res["llmlab_compiled_tokens_per_s"] = tps[COMPILED_RUN]
-        res["compile_s"] = compile_s
+        res["compile_s"] = m["compile_s"]
         if hf_tps:
             res["compiled_ratio"] = tps[COMPILED_RUN] / hf_tps
-    checks = {HF_RUN: "tokens_match", COMPILED_RUN: "compiled_tokens_same", UNCACHED_RUN: "uncached_tokens_same"}
-    for name, key in checks.items():
-        if name not in outs:
-            continue
-        if name == HF_RUN and not weights_shared:
-            print("tokens vs HF: n/a (weights differ)")
-            continue
-        res[key] = torch.equal(outs[CACHED_RUN], outs[name])
-        print(f"{name} tokens equal llmlab's cached greedy tokens: {'yes' if res[key] else 'NO'}")
+    keys = {HF_RUN: "tokens_match", COMPILED_RUN: "compiled_tokens_same", UNCACHED_RUN: "uncached_tokens_same"}
+    for name, same in m["same_tokens"].items():
+        if same is not None:
+            res[keys[name]] = same
     return res
 
 
@@ -236,51 +222,77 @@ def _stream_timed(model, ids: torch.Tensor, steps: int, **kw) -> tuple[float, fl
     return t1 - t0, t2 - t1, toks
 
 
-def table_contexts(model, contexts: list[int], decode_steps: int, repeats: int, compile: bool,
-                   seed: int) -> list[dict[str, Any]]:
+def bench_variants(decode_steps: int, compile: bool) -> dict[str, tuple[dict[str, Any], int]]:
+    """The benchmark's decode variants: name -> (stream() keywords, timed steps). The first one's
+    prefill is the one reported."""
+    variants = {"cache": (dict(use_cache=True, compile=False), decode_steps),
+                "no cache": (dict(use_cache=False), UNCACHED_STEPS)}
+    if compile:
+        variants["compiled"] = (dict(use_cache=True, compile=True), decode_steps)
+    return variants
+
+
+def measure_contexts(model, contexts: list[int], repeats: int, variants: dict[str, tuple[dict[str, Any], int]],
+                     seed: int) -> list[dict[str, Any]]:
+    """Per context length C: prefill tokens/s of C random tokens and decode tokens/s of each
+    variant after them, through llmlab.stream (round-robin over the variants, the first round a
+    warm-up, medians of `repeats`). Returns [{"context", "prefill_tokens_per_s", "decode_tokens_per_s":
+    {variant: tokens/s}, "same_tokens": {variant: equal to the first variant's tokens}}]."""
     gen = torch.Generator().manual_seed(seed + 1)
-    results, rows = [], []
+    first = next(iter(variants))
+    results = []
     for c in contexts:
         ids = torch.randint(0, model.config.vocab_size, (1, c), generator=gen)
-        variants = {"cache": dict(use_cache=True, compile=False), "no cache": dict(use_cache=False)}
-        if compile:
-            variants["compiled"] = dict(use_cache=True, compile=True)
-        steps = {"cache": decode_steps, "no cache": UNCACHED_STEPS, "compiled": decode_steps}
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
         toks: dict[str, torch.Tensor] = {}
-        for r in range(1 + repeats):  # round-robin, first round is warm-up
-            for name, kw in variants.items():
-                pre, dec, toks[name] = _stream_timed(model, ids, steps[name], **kw)
+        for r in range(1 + repeats):
+            for name, (kw, steps) in variants.items():
+                pre, dec, toks[name] = _stream_timed(model, ids, steps, **kw)
                 if r:
                     times[name].append((pre, dec))
-        tps = {k: steps[k] / median([d for _, d in v]) for k, v in times.items()}
-        r = {"context": c, "prefill_tokens_per_s": c / median([p for p, _ in times["cache"]]),
-             "decode_tokens_per_s": tps["cache"], "uncached_tokens_per_s": tps["no cache"]}
-        row = [c, _fmt(r["prefill_tokens_per_s"]), _fmt(tps["cache"]), _fmt(tps["no cache"], 1),
-               f"{tps['cache'] / tps['no cache']:.1f}x"]
-        if compile:
-            r.update(compiled_decode_tokens_per_s=tps["compiled"],
-                     compiled_tokens_same=torch.equal(toks["compiled"], toks["cache"]))
-            row += [_fmt(tps["compiled"]), "yes" if r["compiled_tokens_same"] else "NO"]
-        results.append(r)
-        rows.append(row)
-    header = ["context", "prefill tok/s", "decode tok/s (cache)", "decode tok/s (no cache)", "cache speedup"]
-    if compile:
-        header += ["decode tok/s (compiled)", "same tokens"]
-    print_table(f"Table 2: prefill and decode after a context of C tokens, batch 1, through llmlab.stream "
-                f"(decode: {decode_steps} cached steps or {UNCACHED_STEPS} full recomputes; median of "
-                f"{repeats} after a warm-up round; the compiled step serves every length)", header, rows)
+        n = min(steps for _, steps in variants.values())  # every variant decodes at least n tokens
+        results.append({
+            "context": c, "prefill_tokens_per_s": c / median([p for p, _ in times[first]]),
+            "decode_tokens_per_s": {k: variants[k][1] / median([d for _, d in v]) for k, v in times.items()},
+            "same_tokens": {k: torch.equal(toks[k][:n], toks[first][:n]) for k in variants if k != first}})
     return results
 
 
+def contexts_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The JSON keys of the benchmark's variants (bench_variants) per context."""
+    out = []
+    for r in results:
+        d = r["decode_tokens_per_s"]
+        row = {"context": r["context"], "prefill_tokens_per_s": r["prefill_tokens_per_s"],
+               "decode_tokens_per_s": d["cache"], "uncached_tokens_per_s": d["no cache"]}
+        if "compiled" in d:
+            row.update(compiled_decode_tokens_per_s=d["compiled"], compiled_tokens_same=r["same_tokens"]["compiled"])
+        out.append(row)
+    return out
+
+
+def cache_bytes_entry(name: str, model, max_len: int = 64) -> dict[str, Any]:
+    """Measured `bytes_per_token()` of a fresh cache of `model` next to n_layer * (values per
+    token per layer, as its attention kind states them) * bytes per element."""
+    cfg = model.config
+    cache = model.new_cache(1, min(max_len, model.pos.max_positions or max_len))
+    elem = model.tok_emb.weight.element_size()
+    attn = lookup("attention", cfg.attention)  # each kind states what it caches per token
+    per_layer = attn.cache_values_per_token(cfg)
+    return {"name": name, "attention": cfg.attention, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+            "values_per_layer": per_layer, "formula_text": attn.cache_formula(cfg),
+            "dtype": str(model.tok_emb.weight.dtype), "measured": cache.bytes_per_token(),
+            "formula": cfg.n_layer * per_layer * elem}
+
+
 def cache_bytes_rows(extra: Optional[tuple[str, Any]] = None, max_len: int = 64) -> list[dict[str, Any]]:
-    """Measured `bytes_per_token()` of a fresh cache next to 2·n_layer·n_kv_head·head_dim·bytes for
-    every preset in the registry (at the benchmark's sizes), plus the benchmark's own model."""
+    """cache_bytes_entry of every preset in the registry (at the benchmark's sizes), plus the
+    benchmark's own model; a preset that cannot build is {"name", "skipped": reason}."""
     from llmlab.model import Transformer
     from llmlab.presets import PRESETS, preset_config
 
     sizes = dict(n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD, vocab_size=VOCAB, block_size=max_len)
-    entries: list[tuple[str, Any]] = []
+    out = []
     for name in PRESETS:
         try:
             try:
@@ -288,32 +300,65 @@ def cache_bytes_rows(extra: Optional[tuple[str, Any]] = None, max_len: int = 64)
             except Exception:  # noqa: BLE001 - a preset whose kinds do not accept these sizes: its defaults
                 model = Transformer(preset_config(name, vocab_size=VOCAB))
         except Exception as e:  # noqa: BLE001 - a preset that cannot build at all is skipped
-            entries.append((name, e))
+            out.append({"name": name, "skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:80]}"})
             continue
-        entries.append((name, model))
+        out.append(cache_bytes_entry(name, model, max_len))
     if extra is not None:
-        entries.append(extra)
-    out = []
-    for name, model in entries:
-        if isinstance(model, Exception):
-            out.append({"name": name, "skipped": f"{type(model).__name__}: {' '.join(str(model).split())[:80]}"})
-            continue
-        cfg = model.config
-        cache = model.new_cache(1, min(max_len, model.pos.max_positions or max_len))
-        measured = cache.bytes_per_token()
-        elem = model.tok_emb.weight.element_size()
-        attn = lookup("attention", cfg.attention)  # each kind states what it caches per token
-        per_layer, formula_text = attn.cache_values_per_token(cfg), attn.cache_formula(cfg)
-        out.append({"name": name, "attention": cfg.attention, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                    "values_per_layer": per_layer, "formula_text": formula_text,
-                    "dtype": str(model.tok_emb.weight.dtype), "measured": measured,
-                    "formula": cfg.n_layer * per_layer * elem})
+        out.append(cache_bytes_entry(*extra, max_len=max_len))
     return out
 
 
-def table_cache_bytes(extra=None) -> list[dict[str, Any]]:
+# ---- printing -------------------------------------------------------------------------------------------
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for j, r in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(x: Optional[float], digits: int = 0) -> str:
+    return "n/a" if x is None or x != x else f"{x:,.{digits}f}"
+
+
+def print_speed(m: dict[str, Any]) -> None:
+    tps, ms = m["tokens_per_s"], m["ms_per_token"]
+    hf_tps = tps.get(HF_RUN)
+    rows = [[k, _fmt(v), _fmt(ms[k], 2),
+             "1.00x" if k == HF_RUN else (f"{v / hf_tps:.2f}x" if hf_tps else "n/a")] for k, v in tps.items()]
+    print_table(f"Table 1: greedy decode, batch 1, prompt {m['prompt_len']}, {m['new_tokens']} new tokens "
+                f"(median of {m['repeats']})", ["run", "tokens/s", "ms/token", "vs HF"], rows)
+    if m["compile_s"] is not None:
+        print(f"compile: the first compiled generate() took {m['compile_s']:.1f} s (torch.compile of the decode "
+              "step; inductor's on-disk cache makes later processes faster)")
+    for name, same in m["same_tokens"].items():
+        if same is None:
+            print("tokens vs HF: n/a (weights differ)")
+        else:
+            print(f"{name} tokens equal llmlab's cached greedy tokens: {'yes' if same else 'NO'}")
+
+
+def print_contexts(summary: list[dict[str, Any]], decode_steps: int, repeats: int) -> None:
+    compiled = any("compiled_decode_tokens_per_s" in r for r in summary)
     rows = []
-    entries = cache_bytes_rows(extra)
+    for r in summary:
+        row = [r["context"], _fmt(r["prefill_tokens_per_s"]), _fmt(r["decode_tokens_per_s"]),
+               _fmt(r["uncached_tokens_per_s"], 1), f"{r['decode_tokens_per_s'] / r['uncached_tokens_per_s']:.1f}x"]
+        if compiled:
+            row += [_fmt(r["compiled_decode_tokens_per_s"]), "yes" if r["compiled_tokens_same"] else "NO"]
+        rows.append(row)
+    header = ["context", "prefill tok/s", "decode tok/s (cache)", "decode tok/s (no cache)", "cache speedup"]
+    if compiled:
+        header += ["decode tok/s (compiled)", "same tokens"]
+    print_table(f"Table 2: prefill and decode after a context of C tokens, batch 1, through llmlab.stream "
+                f"(decode: {decode_steps} cached steps or {UNCACHED_STEPS} full recomputes; median of "
+                f"{repeats} after a warm-up round; the compiled step serves every length)", header, rows)
+
+
+def print_cache_bytes(entries: list[dict[str, Any]]) -> None:
+    rows = []
     for e in entries:
         if "skipped" in e:
             rows.append([e["name"], "-", "-", "-", "-", "-", "skipped", e["skipped"]])
@@ -326,7 +371,6 @@ def table_cache_bytes(extra=None) -> list[dict[str, Any]]:
                 "n_layer * values per layer * bytes_per_element)",
                 ["model", "attention", "layers", "values/token/layer", "=", "dtype", "measured B/token",
                  "formula B/token"], rows)
-    return entries
 
 
 # ---- main --------------------------------------------------------------------------------------------------
@@ -358,11 +402,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         gen = torch.Generator().manual_seed(ns.seed)
         prompt = torch.randint(0, VOCAB, (1, ns.prompt_len), generator=gen)
-        speed = table_speed(hf, model, prompt, ns.new_tokens, ns.repeats, ns.compile, shared)
-        ctx = table_contexts(model, contexts, ns.decode_steps, ns.repeats, ns.compile, ns.seed)
-        entries = table_cache_bytes((f"bench model ({ns.shape})", model))
+        speed = measure_speed(hf, model, prompt, ns.new_tokens, ns.repeats, ns.compile, shared)
+        print_speed(speed)
+        ctx = contexts_summary(measure_contexts(model, contexts, ns.repeats,
+                                                bench_variants(ns.decode_steps, ns.compile), ns.seed))
+        print_contexts(ctx, ns.decode_steps, ns.repeats)
+        entries = cache_bytes_rows((f"bench model ({ns.shape})", model))
+        print_cache_bytes(entries)
 
-    summary = {"shape": ns.shape, "weights_shared": shared, **speed,
+    summary = {"shape": ns.shape, "weights_shared": shared, **speed_summary(speed),
                "contexts": [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in ctx],
                "cache_bytes_per_token": {e["name"]: e.get("measured") for e in entries if "skipped" not in e}}
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
