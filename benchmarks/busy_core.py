@@ -4,9 +4,9 @@ CLI applies at start).
 
     python benchmarks/busy_core.py [--rounds 3] [--seconds 5] [--conditions busy,idle]
 
-Workloads: a training step of the shakespeare_char recipe's shapes (flash, 4 layers, 128 wide,
-batch 12x64, AdamW; eager) and greedy batch-1 decoding with the KV cache (kv_cache preset, same
-size). In the `busy` condition a `while True: pass` process runs throughout; `idle` is the same
+Workloads: llmlab's training step (TrainStep) at the shakespeare_char recipe's shapes (flash,
+4 layers, 128 wide, batch 12x64, AdamW; eager) and greedy batch-1 decoding with the KV cache
+(kv_cache preset, same size). In the `busy` condition a `while True: pass` process runs throughout; `idle` is the same
 without it. Each contestant runs in a process of its own for --seconds after a warm-up, and the
 contestants take turns round after round. Prints a table (median ms per step / per token and the
 ratio to one thread, > 1 is faster) and, as its last line, a JSON summary. Target: the mitigation
@@ -54,17 +54,13 @@ def _workload(name: str):
 
     torch.manual_seed(0)
     sizes = dict(vocab_size=VOCAB, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=256)
-    if name == "train":
-        model = Transformer(preset_config("flash", **sizes)).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x = torch.randint(VOCAB, (BATCH, BLOCK))
+    if name == "train":  # the step train() runs (eager, one shard)
+        from llmlab.training.step import StepConfig, TrainStep, make_optimizer
 
-        def step():
-            loss = model.loss(x, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return step
+        model = Transformer(preset_config("flash", **sizes)).train()
+        step = TrainStep(model, make_optimizer(model, 0.1, (0.9, 0.99), 1e-3), StepConfig())
+        x = torch.randint(VOCAB, (BATCH, BLOCK))
+        return lambda: step(lambda: (x, x), 1e-3)
     model = Transformer(preset_config("kv_cache", **sizes)).eval()
     tokens = iter(())
 
