@@ -119,3 +119,12 @@ def test_resume_of_a_run_without_a_checkpoint_starts_it(capsys, tmp_path):
         return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
                 for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert recs(run) == recs(tmp_path / "ref")
+
+
+def test_readme_lists_every_train_flag():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### `llmlab train`"):readme.index("- Data: no `--data`")]
+    for f in dataclasses.fields(TrainArgs):
+        assert re.search(re.escape(flag_name(f.name)) + r"[ /`\n]", section), f.name
