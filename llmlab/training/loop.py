@@ -65,8 +65,9 @@ FIXED_ON_RESUME = MODEL_FLAGS + ("preset", "tokenizer", "vocab_size")
 
 
 def _check_run_dir(a: TrainArgs, out: Path, quiet_rank: bool = False) -> None:
-    """Refuse what cannot start: a resume with nothing (or nothing left) to do or other model or
-    tokenizer settings, a fresh start over an existing run. Nothing has been written yet."""
+    """Refuse what cannot start: a resume with nothing left to do or other model or tokenizer
+    settings, a fresh start over an existing run (a resume of a run without a checkpoint becomes
+    its start). Nothing has been written yet."""
     if a.resume and not (out / "last").exists():
         # The run stopped (a crash, a kill, a failed write) before its first checkpoint was whole,
         # and a run that fails at once removes its directory (RunLock.release): there is nothing
