@@ -5,7 +5,7 @@ the annotation, help from the metadata, default shown); a bool becomes `--X/--no
 in the metadata restricts the value; `none` says what a None default means. TOML files are checked
 against the same annotations (llmlab.validate.check_fields) and choices (check_choices).
 
-Why a generator of ~70 lines instead of tyro / jsonargparse: llmlab's CLI rules (one `error:` line,
+Why a generator of ~90 lines instead of tyro / jsonargparse: llmlab's CLI rules (one `error:` line,
 flags given override the TOML file, which overrides defaults, through argparse.SUPPRESS) stay in
 plain argparse, and no dependency is added to the install or to CI.
 """
