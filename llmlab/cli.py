@@ -30,32 +30,16 @@ def _finite_float(text: str) -> float:
 
 
 def _train_parser(sub) -> None:
+    from llmlab.settings import add_flags
+    from llmlab.training.args import TrainArgs
+
+    # SUPPRESS: only flags given appear in the namespace, so they override the TOML file's values,
+    # which override TrainArgs' defaults (cmd_train merges them). Every flag comes from a field.
     p = sub.add_parser("train", help="train a model (no arguments: a small model on the built-in corpus)",
                        argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="TOML file of training settings (flags override it)")
-    p.add_argument("--preset", help="rung of the ladder (see `llmlab presets`; default flash)")
-    p.add_argument("--data", help="text file, directory of text files, or 'shakespeare' (default: built-in)")
-    p.add_argument("--tokenizer", choices=["byte", "char", "bpe"], help="default byte")
-    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 1024)")
-    for flag in ("--n-layer", "--n-head", "--n-kv-head", "--n-embd", "--block-size", "--batch-size",
-                 "--grad-accum", "--max-iters", "--warmup-iters", "--lr-decay-iters", "--eval-interval",
-                 "--eval-iters", "--seed", "--sample-tokens"):
-        p.add_argument(flag, type=int)
-    for flag in ("--lr", "--min-lr", "--dropout", "--weight-decay", "--grad-clip"):
-        p.add_argument(flag, type=float)
-    p.add_argument("--out", help="run directory (default: a new runs/PRESET-DATE-TIME)")
-    p.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--batch-threads", type=int,
-                   help="CPU: train each batch as N shards on N threads, one core each (same gradients; "
-                        "faster than N threads inside every op for small models; needs --dropout 0)")
-    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"],
-                   help="torch.distributed data parallelism over the ranks torchrun starts (default none; "
-                        "--batch-size is per rank: global batch = batch size x grad accum x ranks)")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="with --parallel: recompute each block's activations in backward (less memory)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file of training settings, keys as the flags (flags override it)")
+    add_flags(p, TrainArgs)
 
 
 def _sampling_args(p) -> None:
@@ -130,11 +114,6 @@ def _compare_parser(sub) -> None:
 
 
 # ---- commands ------------------------------------------------------------------------------
-# Ranges of settings only a TOML file can give (no flag parses them); the rest is checked by
-# TrainArgs.validate. A value out of range would otherwise reach torch.optim as a traceback.
-_TOML_RANGES = {"beta1": (0.0, 1.0), "beta2": (0.0, 1.0)}
-
-
 def _read_toml(path: str) -> dict[str, Any]:
     """Settings from a TOML file, type-checked against TrainArgs' fields: valid TOML with a wrong
     type (`lr = "abc"`) or a binary file is one clear error, not a traceback later in training."""
@@ -151,15 +130,16 @@ def _read_toml(path: str) -> dict[str, Any]:
     except OSError as e:  # a directory, no permission, ...
         raise LlmlabError(f"cannot read config file {path} ({one_line(e)})") from None
     values = {k.replace("-", "_"): v for k, v in raw.items()}
+    # the types the flags are parsed with (the same TrainArgs annotations); ranges and choices:
+    # TrainArgs.validate, for flags and files alike
     check_fields(TrainArgs, values, f"config file {path}")
-    for key, (lo, hi) in _TOML_RANGES.items():
-        if key in values and not lo <= values[key] < hi:
-            raise LlmlabError(f"config file {path}: {key} must be in [{lo:g}, {hi:g}), got {values[key]!r}")
     return values
 
 
-def cmd_train(ns: argparse.Namespace) -> int:
-    from llmlab.training import TrainArgs, train
+def train_args(ns: argparse.Namespace):
+    """TrainArgs from the parsed flags over the TOML file over (with --resume) the run's saved
+    settings over the defaults."""
+    from llmlab.training import TrainArgs
 
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
     values = _read_toml(ns.config) if getattr(ns, "config", None) else {}
@@ -176,7 +156,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
     unknown = sorted(set(values) - known)
     if unknown:
         raise LlmlabError(f"unknown training setting(s) in config: {', '.join(unknown)}")
-    summary = train(TrainArgs(**values))
+    return TrainArgs(**values)
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from llmlab.training import train
+
+    summary = train(train_args(ns))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return 0
     print(f"trained to step {summary['step']}: val loss {summary['val_loss']:.4f} "

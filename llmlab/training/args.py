@@ -1,53 +1,72 @@
-"""TrainArgs: every setting of `llmlab train` (the CLI's flags and TOML keys, one field each)."""
+"""TrainArgs: every setting of `llmlab train`, declared once. The CLI's flags (name, type, help,
+default shown, --no-X for booleans) and the TOML check are derived from these fields by
+llmlab.settings; the metadata's `help` is the flag's help text."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from llmlab.errors import LlmlabError
+from llmlab.settings import check_choices
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias")
 PARALLEL = ("none", "ddp", "fsdp")
+TOKENIZERS = ("byte", "char", "bpe")
+
+
+def _(default: Any, help: str, **meta: Any) -> Any:
+    """A field with its help text (and choices / what None means / metavar) next to it."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+_PRESET = "the preset's"
 
 
 @dataclass
 class TrainArgs:
-    preset: str = "flash"
-    data: Optional[str] = None  # None: the embedded stdlib corpus
-    tokenizer: str = "byte"
-    vocab_size: int = 1024  # bpe only
-    n_layer: Optional[int] = None  # None: the preset's size
-    n_head: Optional[int] = None
-    n_kv_head: Optional[int] = None
-    n_embd: Optional[int] = None
-    block_size: Optional[int] = None
-    dropout: Optional[float] = None
-    bias: Optional[bool] = None
-    batch_size: int = 16  # per rank and micro-batch: global batch = batch_size * grad_accum * world size
-    grad_accum: int = 1
-    max_iters: int = 600
-    lr: float = 2e-3
-    min_lr: Optional[float] = None  # None: lr / 10
-    warmup_iters: int = 50
-    lr_decay_iters: Optional[int] = None  # the cosine ends here, then min_lr; None: max_iters (saved with the run)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    eval_interval: int = 100
-    eval_iters: int = 20
-    out: Optional[str] = None  # None: runs/<preset>-<date>-<time>, a new directory each run
-    device: str = "auto"
-    compile: bool = False
-    batch_threads: int = 1  # CPU: >1 splits each batch into that many shards run on their own threads
-    parallel: str = "none"  # none | ddp | fsdp (torch.distributed; start the ranks with torchrun)
-    activation_checkpointing: bool = False  # --parallel only: recompute each block in backward
-    resume: bool = False
-    seed: int = 1337
-    sample_tokens: int = 200  # printed at the end (0: none)
-    quiet: bool = False
+    preset: str = _("flash", "rung of the ladder (see `llmlab presets`)", metavar="NAME")
+    data: Optional[str] = _(None, "text file, directory of text files, or 'shakespeare'", none="built-in corpus",
+                            metavar="PATH")
+    tokenizer: str = _("byte", "tokenizer to build", choices=TOKENIZERS)
+    vocab_size: int = _(1024, "BPE vocabulary size (bpe only)")
+    n_layer: Optional[int] = _(None, "transformer blocks", none=_PRESET)
+    n_head: Optional[int] = _(None, "attention heads", none=_PRESET)
+    n_kv_head: Optional[int] = _(None, "key/value heads (grouped-query attention)", none=_PRESET)
+    n_embd: Optional[int] = _(None, "embedding width", none=_PRESET)
+    block_size: Optional[int] = _(None, "context length in tokens", none=_PRESET)
+    dropout: Optional[float] = _(None, "dropout probability", none=_PRESET)
+    bias: Optional[bool] = _(None, "biases in linear layers and norms", none=_PRESET)
+    batch_size: int = _(16, "sequences per rank and micro-batch: global batch = batch size x grad accum x ranks")
+    grad_accum: int = _(1, "micro-batches accumulated per optimizer step")
+    max_iters: int = _(600, "optimizer steps to train to")
+    lr: float = _(2e-3, "peak learning rate")
+    min_lr: Optional[float] = _(None, "learning rate at the end of the cosine and after it", none="lr / 10")
+    warmup_iters: int = _(50, "steps of linear warmup")
+    # saved with the run, so extending it later keeps this schedule
+    lr_decay_iters: Optional[int] = _(None, "step where the cosine decay ends (then min lr)", none="max iters")
+    weight_decay: float = _(0.1, "AdamW weight decay (not on norms, biases, embeddings)")
+    beta1: float = _(0.9, "AdamW beta1, in [0, 1)")
+    beta2: float = _(0.99, "AdamW beta2, in [0, 1)")
+    grad_clip: float = _(1.0, "clip the gradient norm to this (0: no clipping)")
+    eval_interval: int = _(100, "steps between evals and checkpoints")
+    eval_iters: int = _(20, "batches per eval")
+    out: Optional[str] = _(None, "run directory", none="a new runs/PRESET-DATE-TIME", metavar="DIR")
+    device: str = _("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", metavar="NAME")
+    compile: bool = _(False, "torch.compile the model")
+    batch_threads: int = _(1, "CPU: train each batch as N shards on N threads, one core each (same gradients; "
+                              "faster than N threads inside every op for small models; needs dropout 0)")
+    parallel: str = _("none", "torch.distributed data parallelism over the ranks torchrun starts",
+                      choices=PARALLEL)
+    activation_checkpointing: bool = _(False, "with --parallel: recompute each block in backward (less memory)")
+    resume: bool = _(False, "continue the run in --out from its last checkpoint")
+    seed: int = _(1337, "random seed (weights, data order, dropout)")
+    sample_tokens: int = _(200, "tokens of sample text printed at the end (0: none)")
+    quiet: bool = _(False, "no progress bar or log lines")
 
     def validate(self) -> None:
+        """Ranges the types alone do not give; the same checks for flags, TOML files and Python."""
+        check_choices(self)
         checks = [(self.lr > 0, f"--lr must be positive, got {self.lr}"),
                   (self.max_iters >= 0, f"--max-iters must be >= 0, got {self.max_iters}"),
                   (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
@@ -61,6 +80,17 @@ class TrainArgs:
                   (self.lr_decay_iters is None or self.lr_decay_iters >= 1,
                    f"--lr-decay-iters must be >= 1, got {self.lr_decay_iters}"),
                   (self.min_lr is None or self.min_lr >= 0, f"--min-lr must be >= 0, got {self.min_lr}"),
+                  # the cosine would climb from lr to min_lr: a typo, not a schedule
+                  (self.min_lr is None or self.min_lr <= self.lr,
+                   f"--min-lr {self.min_lr} is above --lr {self.lr}; it must be <= it"),
+                  (0 <= self.beta1 < 1, f"--beta1 must be in [0, 1), got {self.beta1}"),
+                  (0 <= self.beta2 < 1, f"--beta2 must be in [0, 1), got {self.beta2}"),
+                  (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+                  # NaN compares false with everything, so `>= 0` refuses it too
+                  (self.grad_clip >= 0 and math.isfinite(self.grad_clip),
+                   f"--grad-clip must be a finite number >= 0 (0: no clipping), got {self.grad_clip}"),
+                  (self.sample_tokens >= 0, f"--sample-tokens must be >= 0 (0: none), got {self.sample_tokens}"),
+                  (self.out is None or str(self.out).strip() != "", "--out is empty; pass a run directory"),
                   (self.parallel in PARALLEL, f"--parallel must be one of {', '.join(PARALLEL)}, got {self.parallel}"),
                   # shards add their gradients straight into .grad, past the hooks DDP and FSDP sync with
                   (self.batch_threads == 1 or self.parallel == "none",

@@ -5,20 +5,14 @@ from contextlib import nullcontext
 
 import torch
 
-from llmlab.errors import LlmlabError
+from llmlab.device import resolve_device
 
 
 def pick_device(name: str) -> str:
-    """'auto' is cuda > mps > cpu; an explicit cuda without CUDA is a clear error."""
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise LlmlabError(f"--device {name} asked for, but CUDA is not available; use --device cpu")
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """'auto' is cuda > mps > cpu; any other name must be a device this machine has. One resolution
+    for train, sample and eval (llmlab.device): torch.device() accepts mps, meta, xla... on machines
+    that cannot train on them, which would fail later with a traceback."""
+    return resolve_device(name)
 
 
 def use_bf16(device: str) -> bool:

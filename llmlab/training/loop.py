@@ -16,7 +16,7 @@ from tqdm import tqdm
 from llmlab import checkpoint as ckpt
 from llmlab.config import ModelConfig
 from llmlab.data import BatchSampler, encode_corpus, load_text, split_ids
-from llmlab.errors import LlmlabError
+from llmlab.errors import LlmlabError, one_line
 from llmlab.presets import preset_config
 from llmlab.tokenizer import build_tokenizer, load_tokenizer
 from llmlab.training import checkpoints, parallel
@@ -64,11 +64,19 @@ def _run_dir(a: TrainArgs) -> Path:
 FIXED_ON_RESUME = MODEL_FLAGS + ("preset", "tokenizer", "vocab_size")
 
 
-def _check_run_dir(a: TrainArgs, out: Path) -> None:
-    """Refuse what cannot start: a resume with nothing (or nothing left) to do or other model or
-    tokenizer settings, a fresh start over an existing run. Nothing has been written yet."""
+def _check_run_dir(a: TrainArgs, out: Path, quiet_rank: bool = False) -> None:
+    """Refuse what cannot start: a resume with nothing left to do or other model or tokenizer
+    settings, a fresh start over an existing run (a resume of a run without a checkpoint becomes
+    its start). Nothing has been written yet."""
     if a.resume and not (out / "last").exists():
-        raise LlmlabError(f"--resume: {out} has no last checkpoint to resume; drop --resume to start a new run")
+        # The run stopped (a crash, a kill, a failed write) before its first checkpoint was whole,
+        # and a run that fails at once removes its directory (RunLock.release): there is nothing
+        # to continue, so it starts over from the settings given now; the note says so, in case
+        # --out was mistyped.
+        a.resume = False
+        if not a.quiet and not quiet_rank:
+            print(f"llmlab: --resume: {out} has no checkpoint (none was written yet): starting it from step 0",
+                  file=sys.stderr)
     if not a.resume and ((out / "last").exists() or (out / "best").exists()):
         raise LlmlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if not a.resume:
@@ -103,8 +111,14 @@ def train(a: TrainArgs) -> dict[str, Any]:
                 if not a.quiet:
                     print(f"llmlab: {line}", file=sys.stderr)
         ranks.barrier()
-        _check_run_dir(a, out)
+        _check_run_dir(a, out, quiet_rank=not ranks.is_main)
         return _train(a, out, ranks, device)
+    except OSError as e:
+        # A failed write (disk full, I/O error...) or read of the run: files are written atomically,
+        # so every checkpoint present is whole and --resume continues from the last one (tested
+        # for a failure at each file operation: tests/test_fault_injection.py).
+        raise LlmlabError(f"training stopped: {one_line(e)}; the checkpoints in {out} are whole: "
+                          f"`llmlab train --out {out} --resume` continues from the last one") from None
     finally:
         if lock is not None:
             lock.release()
