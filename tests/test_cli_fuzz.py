@@ -99,3 +99,73 @@ def test_plot_bad_values(capsys, paths, data):
     out = data.draw(bad_out(paths).filter(lambda o: o != paths["file"]))  # an existing file is a fine PNG path
     run = data.draw(st.sampled_from([paths["run"], paths["file"], str(paths["root"] / "missing")]))
     assert_one_error_line(capsys, ["plot", run, "--out", out])
+
+
+# ---- train: every flag derived from TrainArgs, and the same keys in a TOML file --------------------
+def _train_bad_values():
+    """(flag, bad value) for every TrainArgs field: wrong type for all, out of range where a range
+    exists. Only values that must be refused (a valid one would start training and exit 0)."""
+    import dataclasses
+    import typing
+
+    from llmlab.settings import base_type, flag_name
+    from llmlab.training.args import TrainArgs
+
+    positive = {"batch_size", "grad_accum", "eval_interval", "eval_iters", "batch_threads", "lr_decay_iters",
+                "n_layer", "n_head", "n_kv_head", "n_embd", "block_size"}
+    non_negative = {"max_iters", "warmup_iters", "sample_tokens"}
+    float_ranges = {"lr": ["0", "-1e-3"], "min_lr": ["-1"], "weight_decay": ["-1"], "grad_clip": ["-1"],
+                    "beta1": ["1", "5", "-0.1"], "beta2": ["1.5", "-1"], "dropout": ["1", "-0.5", "2"]}
+    hints = typing.get_type_hints(TrainArgs)
+    cases = []
+    for f in dataclasses.fields(TrainArgs):
+        tp, _ = base_type(hints[f.name])
+        flag = flag_name(f.name)
+        if tp is bool:
+            cases.append(st.tuples(st.just(flag), st.just("maybe")))  # a bool flag takes no value
+        elif tp is int:
+            bad = NOT_INT
+            if f.name in positive:
+                bad = bad | st.integers(-10**6, 0).map(str)
+            elif f.name in non_negative:
+                bad = bad | st.integers(-10**6, -1).map(str)
+            cases.append(st.tuples(st.just(flag), bad))
+        elif tp is float:
+            cases.append(st.tuples(st.just(flag), NOT_FLOAT | st.sampled_from(float_ranges.get(f.name, ["nan"]))))
+        elif "choices" in f.metadata:
+            cases.append(st.tuples(st.just(flag), st.text(max_size=8).filter(lambda t, c=f.metadata["choices"]: t not in c)))
+        elif f.name == "device":
+            cases.append(st.tuples(st.just(flag), BAD_DEVICE))
+    return st.one_of(cases)
+
+
+@FUZZ
+@given(bad=_train_bad_values())
+def test_train_bad_flag_values(capsys, paths, bad):
+    out = paths["root"] / "train-run"
+    assert_one_error_line(capsys, ["train", "--out", str(out), "--max-iters", "1", "--quiet", *bad])
+    assert not (out / "last").exists()
+
+
+TOML_WRONG = st.sampled_from(['"abc"', "[1, 2]", "{ a = 1 }", "1979-05-27", "nan"])
+
+
+@FUZZ
+@given(data=st.data())
+def test_train_bad_toml_values(capsys, paths, data):
+    """Each TrainArgs key given a value of the wrong type (or a non-finite number) in a TOML file."""
+    import dataclasses
+
+    from llmlab.training.args import TrainArgs
+
+    key = data.draw(st.sampled_from([f.name for f in dataclasses.fields(TrainArgs)]))
+    value = data.draw(TOML_WRONG)
+    if value == "nan" and key in ("data", "out", "device", "preset", "tokenizer", "parallel"):
+        value = "[1]"  # nan is only wrong for numbers; a string key needs a non-string
+    if value == '"abc"' and key in ("data", "out", "device"):
+        value = "[1]"  # any string is a path or a device name to check later: use a non-string
+    cfg = paths["root"] / "bad.toml"
+    cfg.write_text(f"{key} = {value}\nmax_iters = 1\n")
+    out = paths["root"] / "toml-run"
+    assert_one_error_line(capsys, ["train", "--config", str(cfg), "--out", str(out), "--quiet"])
+    assert not (out / "last").exists()
