@@ -8,7 +8,8 @@ the tests that should notice). For each one the harness
      once; the worktree itself is never written to,
   2. replaces the snippet in the copy (it must occur exactly once in its file, and the mutated
      file must still compile, so the list stays honest as the code changes),
-  3. runs that mutation's tests on the copy (`pytest -x -q -m "not slow"`, with a timeout),
+  3. runs that mutation's tests on the copy (`pytest -x -q -m "not slow"`, hypothesis seeded, with a
+     timeout),
   4. puts the original file back (in a `finally`; the copy is deleted at exit, Ctrl-C included).
 
 A mutation is *killed* when its tests fail (a timeout counts as killed and is shown as such),
@@ -40,7 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ("llmlab", "tests", "benchmarks", "pyproject.toml")
-PYTEST = ("-x", "-q", "-m", "not slow", "-p", "no:cacheprovider")
+PYTEST = ("-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", "--hypothesis-seed=0")  # repeatable
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ T_MODEL = ("tests/test_model.py", "tests/test_positions_gqa.py", "-k", "not trac
 T_HF = ("tests/test_hf.py", "-k", "parity or greedy or round_trip")
 T_HF_MODEL = ("tests/test_model.py", "tests/test_positions_gqa.py", "tests/test_hf.py",
               "-k", "not traces_as_one_graph and (not test_hf or parity or greedy or round_trip)")
-T_GEN = ("tests/test_generate.py", "tests/test_sampling_eval.py", "-k", "not compile")
-T_CACHE = ("tests/test_generate.py", "tests/test_sampling_eval.py", "tests/test_positions_gqa.py",
+T_GEN = ("tests/test_sampling_eval.py", "tests/test_generate.py", "-k", "not compile")  # hand references first
+T_CACHE = ("tests/test_sampling_eval.py", "tests/test_generate.py", "tests/test_positions_gqa.py",
            "-k", "not compile")
 T_MLA = ("tests/test_mla.py", "tests/test_hf_deepseek.py", "-k", "not training_steps")
 T_FLASH = ("tests/test_flash_mla.py", "tests/test_flash_mla_model.py", "-k", "not sm90 and not benchmark")
