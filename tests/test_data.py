@@ -215,6 +215,27 @@ def test_token_cache_without_its_record_is_rebuilt(tmp_path):
     assert tok.calls > calls and record.is_file()
 
 
+@pytest.mark.parametrize("vocab", [50_000, 70_000])
+def test_token_cache_keeps_ids_of_large_vocabularies(vocab, tmp_path):
+    """Ids past 32767 (and past 65535 for a vocabulary larger than 2^16) come back exactly, from
+    the first encode and from the cache: the ids' dtype must hold every id of the vocabulary."""
+
+    class Wide:  # a stand-in tokenizer whose ids span the top of a large vocabulary
+        vocab_size = vocab
+
+        def encode(self, text):
+            return [vocab - 1 - 7 * b for b in text.encode("ascii")]
+
+        def fingerprint(self):
+            return f"wide{vocab}"
+
+    text = "\x00" + "".join(map(chr, range(32, 127))) * 3
+    want = Wide().encode(text)
+    assert max(want) == vocab - 1 and min(want) > 32767
+    assert encode_corpus(text, Wide(), cache=tmp_path).tolist() == want
+    assert encode_corpus(text, Wide(), cache=tmp_path).tolist() == want  # served from the cache
+
+
 @pytest.fixture(scope="module")
 def code_bpe(stdlib_text) -> BPETokenizer:
     return BPETokenizer.train(stdlib_text[:200_000], vocab_size=512)

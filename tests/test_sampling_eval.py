@@ -54,6 +54,20 @@ def test_top_k_and_top_p_together_sample_the_hand_filtered_distribution(monkeypa
     torch.testing.assert_close(seen[0][0].double(), want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("p, kept", [(0.25, 1), (0.5, 2), (0.75, 3), (0.7, 3)])
+def test_top_p_keeps_the_smallest_set_reaching_p_exactly(monkeypatch, p, kept):
+    """Four equal logits: probabilities 0.25 each, exact in binary, so the mass before the
+    (kept+1)-th token equals p exactly. The smallest set whose mass reaches p has `kept` tokens;
+    the token whose preceding mass is already p is dropped (a `>` for `>=` keeps it)."""
+    seen = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, *a, **kw: seen.append(probs.clone()) or real(probs, *a, **kw))
+    sample_next(torch.zeros(1, 4), 1.0, top_p=p, generator=torch.Generator().manual_seed(0))
+    probs = seen[0][0]
+    assert int((probs > 0).sum()) == kept
+    torch.testing.assert_close(probs[probs > 0], torch.full((kept,), 1.0 / kept))
+
+
 # ---- stop tokens in a batch ---------------------------------------------------------------------
 def test_stop_tokens_with_a_batch():
     model = Transformer(tiny(preset="kv_cache")).eval()

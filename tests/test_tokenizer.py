@@ -73,6 +73,16 @@ def test_char_round_trip(text):
     assert tok.decode(tok.encode(text)) == text
 
 
+def test_byte_ids_are_the_utf8_bytes_every_value():
+    """id = byte value for all 256 values (NUL and DEL too, which random text rarely holds):
+    against Python's own UTF-8 codec."""
+    tok = ByteTokenizer()
+    assert tok.encode("\x00A\x7f\u00e9") == [0, 65, 127, 0xC3, 0xA9]
+    for b in range(128):
+        assert tok.decode([b]) == chr(b) and tok.decode([b, b]) == chr(b) * 2
+    assert tok.decode(list(range(256))) == bytes(range(256)).decode("utf-8", errors="replace")
+
+
 def test_byte_never_fails_on_lone_surrogate_and_partial_utf8():
     tok = ByteTokenizer()
     assert tok.decode(tok.encode("a\ud800b")) == "a?b"
