@@ -160,3 +160,11 @@ def test_train_speed_script_bad_config(capsys):
         load_script("train_speed").main(["--configs", "warp"])
     assert e.value.code == 2
     assert "unknown config(s) warp" in capsys.readouterr().err
+
+
+def test_mutation_list_matches_the_code():
+    """Every planted bug of benchmarks/mutation_check.py still finds its original line exactly once
+    (a stale list would silently test nothing)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mutation_check.py"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "exactly once" in proc.stdout, proc.stdout + proc.stderr
