@@ -130,11 +130,13 @@ def param_bytes(config: ModelConfig) -> int:
     return 4 * (config.n_layer * (attn + mlp) + emb + pos)
 
 
-def build_model(config: ModelConfig, where: str) -> Transformer:
-    """Transformer(config), refusing one that cannot fit in memory before allocating it."""
-    need, free = param_bytes(config), _free_memory_bytes()
+def build_model(config: ModelConfig, where: str, copies: int = 1) -> Transformer:
+    """Transformer(config), refusing one whose `copies` of the weights (training: 4, with gradients
+    and AdamW's two moments) cannot fit in memory, before allocating it."""
+    need, free = copies * param_bytes(config), _free_memory_bytes()
     if free is not None and need > free:
-        raise LlmlabError(f"{where}: the model needs about {need / 2**30:.1f} GiB for its weights but only "
+        what = "for its weights" if copies == 1 else f"for {copies} copies of its weights (weights, gradients, AdamW)"
+        raise LlmlabError(f"{where}: the model needs about {need / 2**30:.1f} GiB {what} but only "
                           f"{free / 2**30:.1f} GiB of memory is free; use a machine with more memory")
     try:
         return Transformer(config)

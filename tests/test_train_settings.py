@@ -98,6 +98,17 @@ def test_refused_settings_are_one_line_and_write_nothing(capsys, tmp_path, argv,
     assert not (tmp_path / "r").exists()
 
 
+def test_out_that_is_a_file_or_under_one_and_a_model_too_large_are_one_line(capsys, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_error_line(capsys, ["train", *TINY, "--out", f], "--out", "is a file, not a directory")
+    one_error_line(capsys, ["train", *TINY, "--out", f / "sub"], "is under", "which is a file")
+    assert f.read_text() == "x"
+    # ~10 TB of weights, gradients and AdamW moments: refused before anything is allocated
+    one_error_line(capsys, ["train", *TINY, "--out", tmp_path / "big", "--n-layer", "200", "--n-embd", "16384",
+                            "--n-head", "16"], "needs about", "GiB", "free")
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_train_device_cuda_without_cuda_is_one_line(capsys, tmp_path):
     one_error_line(capsys, ["train", *TINY, "--out", tmp_path / "r", "--device", "cuda"], "CUDA is not available")

@@ -17,6 +17,7 @@ from llmlab import checkpoint as ckpt
 from llmlab.config import ModelConfig
 from llmlab.data import BatchSampler, encode_corpus, load_text, split_ids
 from llmlab.errors import LlmlabError, one_line
+from llmlab.fsutil import check_out_path
 from llmlab.presets import preset_config
 from llmlab.tokenizer import build_tokenizer, load_tokenizer
 from llmlab.training import checkpoints, parallel
@@ -57,7 +58,9 @@ def _run_dir(a: TrainArgs) -> Path:
         if parallel.launched_ranks() > 1:  # each rank would pick its own timestamp
             raise LlmlabError("--parallel under torchrun needs --out RUN_DIR (one directory for all ranks)")
         a.out = time.strftime(f"runs/{a.preset}-%Y%m%d-%H%M%S")
-    return Path(a.out)
+    # a file, a path under a file or an unwritable place: one line before any work (an existing run
+    # directory is fine here; _check_run_dir decides about new runs in it)
+    return check_out_path(a.out, "--out", directory=True, allow_existing=True)
 
 
 # Settings that make the model and its tokens: a resumed run keeps its own, so differing ones are errors.

@@ -116,16 +116,24 @@ def _checkpoint_activations(model: Transformer) -> None:
         block.forward = lambda *args, _f=inner, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
 
+def _built(config: ModelConfig) -> Transformer:
+    """The whole model in this process's memory, refused in one line if its weights, gradients and
+    AdamW's two moments (4 copies) cannot fit."""
+    from llmlab.checkpoint import build_model
+
+    return build_model(config, "train", copies=4)
+
+
 def build(config: ModelConfig, parallel: str, device: str, ranks: Ranks, seed: int,
           activation_checkpointing: bool = False, compile: bool = False) -> Parallel:
     """The model for `parallel` ('none', 'ddp' or 'fsdp'), initialised from torch's RNG at `seed`
     so that every world size starts from the weights one process would."""
     if parallel == "none":
         torch.manual_seed(seed)
-        return Parallel(Transformer(config).to(device), loss_fn=None)  # TrainStep compiles model.loss
+        return Parallel(_built(config).to(device), loss_fn=None)  # TrainStep compiles model.loss
     torch.manual_seed(seed)
     if parallel == "ddp":
-        model = Transformer(config).to(device)
+        model = _built(config).to(device)
     else:
         with torch.device("meta"):  # no memory yet: the weights are allocated as shards below
             model = Transformer(config)
