@@ -47,7 +47,6 @@ class LatentCache:
 
     def __init__(self, batch: int, max_len: int, latent_dim: int, rope_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None):
-        self.latent_dim = latent_dim
         self.kv = torch.zeros(batch, max_len, latent_dim + rope_dim, dtype=dtype, device=device)
 
     def update(self, input_pos: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:

@@ -133,15 +133,22 @@ class PagedView:
 
     fused_decode = False
 
-    def __init__(self, cache: "PagedInferenceCache", positions: torch.Tensor, lengths: torch.Tensor):
+    def __init__(self, cache: "PagedInferenceCache", positions: torch.Tensor, lengths: torch.Tensor, span: int):
         self.cache, self.paged = cache, cache.pages
         self.positions = positions  # (B, T) each new token's position in its row; < 0: left padding
-        self.batch, s = positions.shape[0], int(lengths.max())
-        seen = torch.arange(s, device=positions.device)[None, None, :]  # (1, 1, S)
-        allowed = (seen <= positions.clamp_min(0)[:, :, None]) & (seen < lengths[:, None, None])
-        blocked = torch.full((), float("-inf"), dtype=cache.dtype, device=positions.device)
-        self.mask = torch.where(allowed, 0.0, blocked).to(cache.dtype).unsqueeze(1)  # (B, 1, T, S)
-        self.span = s
+        self.lengths, self.span = lengths, span  # (B,) tokens per row after this forward; their max
+        self.batch = positions.shape[0]
+        self._mask = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, 1, T, S) additive; built only when asked (prefill), never for the kernel's decode step."""
+        if self._mask is None:
+            seen = torch.arange(self.span, device=self.positions.device)[None, None, :]  # (1, 1, S)
+            allowed = (seen <= self.positions.clamp_min(0)[:, :, None]) & (seen < self.lengths[:, None, None])
+            blocked = torch.full((), float("-inf"), dtype=self.cache.dtype, device=self.positions.device)
+            self._mask = torch.where(allowed, 0.0, blocked).to(self.cache.dtype).unsqueeze(1)
+        return self._mask
 
     def store(self, layer: int, kv: torch.Tensor) -> None:
         """Scatter the new tokens' rows (B, T, W) to their blocks; padding is not stored."""
@@ -191,8 +198,9 @@ class PagedInferenceCache:
         end = int(input_pos[-1]) + 1  # host bookkeeping: the block table is grown on the host
         positions = input_pos[None, :] - self.pad[:batch, None]  # (B, T)
         lengths = (end - self.pad[:batch]).clamp_min(0)
-        self.pages.reserve(lengths.tolist(), rows=range(batch))
-        return positions.clamp_min(0), PagedView(self, positions, lengths)
+        host = lengths.tolist()
+        self.pages.reserve(host, rows=range(batch))
+        return positions.clamp_min(0), PagedView(self, positions, lengths, max(host))
 
     def bytes_per_token(self) -> int:
         return self.pages.bytes_per_token()
