@@ -55,6 +55,11 @@ register("llama", "Llama architecture: RMSNorm, SwiGLU, RoPE, GQA, no biases, un
          **CACHED | dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
                          tie_embeddings=False))
 
+# The rung each one changes (its description says how): `llmlab compare` reports each rung's
+# differences from its parent. A rung added without a line here is compared with nothing.
+PARENT = {"flash": "basic", "kv_cache": "flash", "mqa": "kv_cache", "gqa": "kv_cache", "naive_mla": "kv_cache",
+          "sinusoidal": "kv_cache", "rope": "kv_cache", "rope_mla": "rope", "flash_mla": "rope_mla", "llama": "rope"}
+
 
 def preset_config(name: str, **overrides: Any) -> ModelConfig:
     """The full ModelConfig of a preset: small defaults, then the preset's kinds, then overrides."""
