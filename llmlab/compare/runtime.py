@@ -1,0 +1,26 @@
+"""How a model decodes, asked in one place: compare (and `bench decode`'s cache table) read a
+model's cache kind only through cache_kind(), and switch MLA's one-token step only through
+set_absorbed(). When the runtime options move out of ModelConfig, these two functions are what
+changes."""
+from __future__ import annotations
+
+NONE, DENSE, PAGED = "none", "dense", "paged"
+PATHS = {NONE: "recompute", DENSE: "cache", PAGED: "paged kernel"}  # what a report calls each decode path
+
+
+def cache_kind(model) -> str:
+    """'none' (generation recomputes the window every token), 'dense' (a preallocated KV or latent
+    cache) or 'paged' (a paged latent cache read by the fused decode kernel)."""
+    if not model.config.use_cache:
+        return NONE
+    return PAGED if getattr(model.blocks[0].attn, "paged", False) else DENSE
+
+
+def set_absorbed(model, absorbed: bool) -> bool:
+    """MLA's one-token step with weight absorption (True: attends over the cached latents) or by
+    decompressing every cached latent into keys and values (False). Returns whether the model has
+    MLA layers (False: nothing to switch)."""
+    layers = [b.attn for b in model.blocks if hasattr(b.attn, "absorb")]
+    for attn in layers:
+        attn.absorb = absorbed
+    return bool(layers)
