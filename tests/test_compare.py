@@ -129,7 +129,7 @@ def test_claims_follow_results_json(compared, tmp_path):
     out, _, _ = compared
     doc = json.loads((out / "results.json").read_text())
     by = {e["name"]: e for e in doc["entries"]}
-    by["sin"]["val_loss"] = [v + 0.01 for v in by["kv_cache"]["val_loss"]]  # within 0.05 of learned
+    by["sin"]["val_loss_whole"] = [v + 0.01 for v in by["kv_cache"]["val_loss_whole"]]  # within 0.05 of learned
 
     def claim(d, text):
         return next(c for c in evaluate(d) if c.text.startswith(text))
@@ -137,7 +137,7 @@ def test_claims_follow_results_json(compared, tmp_path):
     assert claim(doc, "sinusoidal positions").verdict is True
     assert claim(doc, "MQA/GQA shrink the cache").verdict is True
     edited = tmp_path / "results.json"
-    by["sin"]["val_loss"][0] += 0.5
+    by["sin"]["val_loss_whole"][0] += 0.5
     by["gqa2"]["cache_bytes_per_token"] += 4
     edited.write_text(json.dumps(doc))
     doc2 = json.loads(edited.read_text())
@@ -315,3 +315,27 @@ def test_kill_9_of_compare_kills_its_worker(tmp_path, corpus):
         for pid in (parent.pid, worker):
             if pid and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_make_ladder_fills_the_docs_from_results_json(compared, tmp_path, capsys):
+    """docs/make_ladder.py --no-run writes the comparison's own settings, claims and rung numbers
+    into the ladder's blocks (the batch size is the comparison's, not a number typed in the prose)."""
+    import importlib.util
+    import shutil
+
+    out, _, _ = compared
+    spec = importlib.util.spec_from_file_location("make_ladder", Path(__file__).resolve().parents[1] / "docs" / "make_ladder.py")
+    ml = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ml)
+    ladder = tmp_path / "ladder.md"
+    shutil.copy(ml.DOCS / "ladder.md", ladder)
+    assert ml.main(["--no-run", "--out", str(out), "--ladder", str(ladder)]) == 0
+    text = ladder.read_text()
+    settings = text[text.index("<!-- numbers:settings -->"):text.index("### What each rung claims")]
+    assert "4 steps of 4 x 16 tokens" in settings and "seeds 1337..1338" in settings
+    assert re.search(r"\| mqa, gqa \| MQA/GQA shrink the cache by H/H_kv .*\| ✓ \|", text)
+    kv = text[text.index("<!-- numbers:rung-kv_cache -->"):]
+    assert kv.split("<!-- /numbers -->")[0].count("**Measured**") == 1
+    assert "_Not in this comparison._" in text.split("<!-- numbers:rung-rope -->")[1].split("<!-- /numbers -->")[0]
+    assert "Of " in text and " claims, " in text  # the reading, generated from the claims

@@ -43,7 +43,7 @@ def entry(name, preset, val, cache=None, rung=True, variants=("own",), rounds=()
     params = Transformer(cfg).num_params()
     cfg = cfg.to_dict()
     return {"name": name, "preset": preset, "rung": rung, "status": "ok", "config": cfg, "params": params,
-            "cache_bytes_per_token": cache, "val_loss": list(val), "seeds": list(range(len(val))),
+            "cache_bytes_per_token": cache, "val_loss_whole": list(val), "seeds": list(range(len(val))),
             "greedy_tokens": list(tokens), "timing": {"ready": {"variants": list(variants)}, "rounds": list(rounds)}}
 
 
@@ -81,7 +81,7 @@ def test_claims_on_known_numbers():
     assert claim(doc, "RoPE learns better").verdict is True
     assert claim(doc, "flash trains faster").verdict is None  # no basic here: not measured
     # one number changed: the verdict follows
-    doc["entries"][6]["val_loss"] = [2.35, 2.36]
+    doc["entries"][6]["val_loss_whole"] = [2.35, 2.36]
     assert claim(doc, "MLA keeps MHA-like quality").verdict is False
     doc["entries"][6]["timing"]["rounds"] = rounds(own={64: 400, 512: 250}, decompressing={64: 300, 512: 100})
     assert claim(doc, "MLA's absorbed decode beats").verdict is False  # 2.5x < 3x
@@ -116,7 +116,7 @@ def test_controlled_pairs_split_a_several_things_change():
     assert set(change_groups(diff)) == {"attention", "norm", "mlp", "bias", "tie_embeddings"}
 
     def e(name, cfg, parent=None, label="", groups=()):
-        return {"name": name, "status": "ok", "config": cfg, "val_loss": [2.0, 2.1], "parent": parent,
+        return {"name": name, "status": "ok", "config": cfg, "val_loss_whole": [2.0, 2.1], "parent": parent,
                 "parent_label": label, "change_groups": list(groups)}
 
     doc = {"entries": [e("rope", rope), e("rope_mla", mla, "rope", "rope", change_groups(diff))]}

@@ -30,26 +30,35 @@ def style(i: int) -> dict:
 def frontier(ax, doc: dict) -> None:
     """Val loss (mean, error bar = standard deviation over seeds) vs cache bytes/token, one series per
     set of entries that differ only in attention."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     groups: dict[tuple, list[dict]] = {}
     seen = set()
     for e in ok(doc):
         if e["cache_bytes_per_token"] and model_key(e["config"]) not in seen:  # one point per model
             seen.add(model_key(e["config"]))
             groups.setdefault(base_key(e["config"]), []).append(e)
-    markers = "osD^v<>"
     for i, members in enumerate(m for m in groups.values() if len(m) > 1):
-        members.sort(key=lambda e: e["cache_bytes_per_token"])
-        xs = [e["cache_bytes_per_token"] for e in members]
-        ys = [val(e).mean for e in members]
-        errs = [val(e).sd or 0 for e in members]
         c = members[0]["config"]
-        label = f"{c['position']} positions, {c['norm']}, {c['mlp']}"
-        ax.errorbar(xs, ys, yerr=errs, marker=markers[i % len(markers)], capsize=3, linestyle=":", label=label,
-                    color=f"C{i}")
-        for e, x, y in zip(members, xs, ys):
-            ax.annotate(f"{e['name']} ({attention_label(e['config'])})", (x, y), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
+        base = f"{c['position']} positions, {c['norm']}, {c['mlp']}"
+        # two curves per base: heads sharing keys/values (MHA -> GQA -> MQA) and MLA's latent ranks
+        for family, marker, ls in (("MHA/GQA/MQA", "o", "-"), ("MLA", "s", "--")):
+            fam = sorted((e for e in members if (e["config"]["attention"] == "mla") == (family == "MLA")),
+                         key=lambda e: e["cache_bytes_per_token"])
+            if not fam:
+                continue
+            xs, ys = [e["cache_bytes_per_token"] for e in fam], [val(e).mean for e in fam]
+            ax.errorbar(xs, ys, yerr=[val(e).sd or 0 for e in fam], marker=marker, capsize=3, linestyle=ls,
+                        color=f"C{i}", label=f"{base}: {family}")
+            for e, x, y in zip(fam, xs, ys):
+                ax.annotate(f"{e['name']} ({attention_label(e['config'])})", (x, y), textcoords="offset points",
+                            xytext=(5, 5 if family != "MLA" else -11), fontsize=7, color=f"C{i}")
     ax.set_xscale("log")
+    ticks = sorted({e["cache_bytes_per_token"] for m in groups.values() if len(m) > 1 for e in m})
+    if ticks:
+        ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="cache bytes per token (all layers, log scale)", ylabel="val loss (nats/token), mean ± sd",
            title="quality vs cache: attention kinds, everything else equal (lower left is better)")
     ax.grid(alpha=0.3, which="both")

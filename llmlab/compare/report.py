@@ -34,7 +34,7 @@ def versus_parent(doc: dict, e: dict) -> str:
 
 
 def ladder_table(doc: dict) -> str:
-    header = ["preset", "changes vs parent", "params", "val loss (last eval)", "Δ vs parent", "val loss (whole split)",
+    header = ["preset", "changes vs parent", "params", "val loss (whole split)", "Δ vs parent", "val loss (last eval)",
               "cache bytes/token", "decode path", "peak memory (MiB)"]
     rows = []
     for e in doc["entries"]:
@@ -43,7 +43,7 @@ def ladder_table(doc: dict) -> str:
             continue
         changes = f"{e['parent_label']}: {describe(e['changes'])}" if e.get("parent_label") else "(first rung)"
         rows.append([e["name"], changes, _num(e["params"]), val(e).text(), versus_parent(doc, e),
-                     val(e, "val_loss_whole").text(), _num(e["cache_bytes_per_token"]) if e["cache_bytes_per_token"]
+                     val(e, "val_loss").text(), _num(e["cache_bytes_per_token"]) if e["cache_bytes_per_token"]
                      else "no cache", e["decode_path"], _num(e["peak_mem_mib"], 1)])
     return _table(header, rows)
 
@@ -80,7 +80,7 @@ def attention_tables(doc: dict) -> str:
                          "–" if e is mha else compare_means(val(e), val(mha))[2]]
                         + [s.text() if s else "n/a" for s in speeds.values()])
         out.append(f"On one base ({block}; everything else equal):\n\n" + _table(
-            ["entry", "attention", "params", "cache bytes/token", "cache vs MHA", "val loss", "Δ vs MHA",
+            ["entry", "attention", "params", "cache bytes/token", "cache vs MHA", "val loss (whole split)", "Δ vs MHA",
              f"decode tok/s @ {ctx}", f"compiled @ {ctx}", f"decompressing @ {ctx}"], rows))
     return "\n\n".join(out) if out else "No two entries differ only in attention."
 
@@ -96,19 +96,18 @@ def controlled_pairs(doc: dict) -> str:
             continue
         head = f"- **{e['name']}** changes {len(groups)} things against {e['parent_label']} ({', '.join(groups)})"
         found = []
+        parent = named.get(e.get("parent") or "")
         for x in ok(doc):
-            if x is e:
+            if x is e or parent is None or x is parent:
                 continue
             diff = config_diff(x["config"], e["config"])
             g = change_groups(diff)
-            if len(g) == 1 and set(g) < set(groups):
+            rest = config_diff(parent["config"], x["config"])
+            # a clean split: parent -> x changes everything but one thing, x -> e that one thing
+            if len(g) == 1 and set(change_groups(rest)) == set(groups) - set(g):
                 found.append(f"{x['name']} → {e['name']} changes only {describe(diff)}: "
-                             f"{compare_means(val(e), val(x))[2]}")
-                parent = named.get(e.get("parent") or "")
-                if parent is not None:
-                    rest = config_diff(parent["config"], x["config"])
-                    found.append(f"{parent['name']} → {x['name']} changes the rest ({describe(rest)}): "
-                                 f"{compare_means(val(x), val(parent))[2]}")
+                             f"{compare_means(val(e), val(x))[2]}; {parent['name']} → {x['name']} changes the "
+                             f"rest ({describe(rest)}): {compare_means(val(x), val(parent))[2]}")
         lines.append(head + (": " + "; ".join(found) if found else
                              ": no controlled pair in this comparison (add one: --presets NAME=PRESET --set NAME:KEY=VALUE)"))
     return "\n".join(lines) if lines else "Every rung here changes one thing against its parent."
@@ -171,9 +170,10 @@ Rungs that change several things at once, split into controlled pairs:
 {speed_table(doc)}
 
 Columns: **val loss**: mean cross-entropy (nats/token) of the final weights, mean ± standard
-deviation over the seeds (last eval: the eval batches `llmlab train` logs; whole split: every
-consecutive block of the validation split, `llmlab.training.evaluate.mean_loss`). **Δ vs parent /
-MHA**: difference of the means, "within noise" when inside 2 standard errors. **train tokens/s**:
+deviation over the seeds; whole split: every consecutive block of the validation split
+(`llmlab.training.evaluate.mean_loss`, the same windows for every run: what the claims and the Δ
+columns use); last eval: the sampled eval batches `llmlab train` logs. **Δ vs parent / MHA**:
+difference of the whole-split means, "within noise" when inside 2 standard errors. **train tokens/s**:
 the training step of `train()` on batch x block tokens. **decode tok/s @ C**: the rung's own path
 (recompute, cache or paged kernel), eager; **compiled**: the cached one-token step through
 torch.compile; **decompressing**: MLA expanding every cached latent each step instead of absorbing

@@ -108,8 +108,9 @@ def base_key(config: dict[str, Any]) -> tuple:
 
 
 def model_key(config: dict[str, Any]) -> str:
-    """The model a config describes, whatever way it runs (flash_mla is rope_mla's model)."""
-    return json.dumps({k: v for k, v in config.items() if k not in RUNTIME_FIELDS}, sort_keys=True)
+    """The model a config describes, whatever way it runs (flash_mla is rope_mla's model) and
+    however its sizes were given (kv_lora_rank=None is its default)."""
+    return json.dumps({k: v for k, v in normalized(config).items() if k not in RUNTIME_FIELDS}, sort_keys=True)
 
 
 # ---- readers --------------------------------------------------------------------------------------------
@@ -121,7 +122,12 @@ def by_name(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in ok(doc)}
 
 
-def val(e: dict[str, Any], key: str = "val_loss") -> Optional[Spread]:
+# The loss every claim and difference uses: the whole validation split, the same windows for every
+# entry and seed, so less noisy than the last eval's sampled batches (which the tables also show).
+QUALITY = "val_loss_whole"
+
+
+def val(e: dict[str, Any], key: str = QUALITY) -> Optional[Spread]:
     return spread(e.get(key) or [])
 
 

@@ -28,7 +28,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -49,7 +49,6 @@ class Contestant:
     threads: int = 1
     seed: int = 0
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)  # carried into the result as is
 
 
 # ---- the contestant's process ---------------------------------------------------------------------
@@ -138,8 +137,11 @@ def main(argv: list[str]) -> int:
     bench = Bench(c)
     bench.round()  # warm-up: first calls, allocations, compiling; not counted
     say = lambda obj: (proto.write(json.dumps(obj) + "\n"), proto.flush())  # noqa: E731
+    from llmlab.bench import cache_bytes_entry
+
     say({"ready": True, "variants": list(bench.variants), "cache_kind": bench.kind,
-         "params": bench.train_model.num_params()})
+         "params": bench.train_model.num_params(),
+         "cache_bytes_per_token": cache_bytes_entry(c.name, bench.model)["measured"]})
     trim()
     for line in sys.stdin:
         if line.strip() != "round":
@@ -223,7 +225,7 @@ def time_round_robin(contestants: list[Contestant], rounds: int, folder: Path,
             p = _Proc(c, folder)
             procs.append(p)
             ready = p.ask(None)
-            result["entries"][c.name] = {"ready": ready, "rounds": [], "error": p.error, "extra": c.extra}
+            result["entries"][c.name] = {"ready": ready, "rounds": [], "error": p.error}
         for r in range(rounds):
             for p in procs:
                 if p.error is not None:
