@@ -23,6 +23,14 @@ from typing import Any
 from llmlab.errors import LlmlabError
 
 
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its help text (and choices / what None means / metavar / repeat) next
+    to it; a list default gets a fresh copy per instance."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 def finite_float(text: str) -> float:
     value = float(text)  # argparse turns a ValueError into "invalid finite_float value"
     if not math.isfinite(value):

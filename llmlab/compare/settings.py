@@ -8,12 +8,12 @@ rope_mha:n_kv_head=8`), so one change can be isolated from a rung with everythin
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from llmlab.errors import LlmlabError
-from llmlab.settings import check_choices
+from llmlab.settings import check_choices, setting
 from llmlab.training.args import MODEL_FLAGS, TOKENIZERS, TrainArgs
 from llmlab.validate import check_fields
 
@@ -29,12 +29,7 @@ TIMING_KEYS = ("contexts", "decode_steps", "rounds", "compile", "threads", "batc
                "seed")
 
 
-def _(default: Any, help: str, **meta: Any) -> Any:
-    """A field with its help text next to it (lists get a fresh copy of their default)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
-
+_ = setting  # a field with its help text next to it
 
 @dataclass
 class Entry:
