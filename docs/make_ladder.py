@@ -32,8 +32,8 @@ PRESETS = "all,llama_mha=llama,llama_gqa4=llama,llama_mqa=llama,mla_c32=rope_mla
 SETS = ["llama_mha:n_kv_head=8", "llama_gqa4:n_kv_head=4", "llama_mqa:n_kv_head=1", "mla_c32:kv_lora_rank=32",
         "mla_c128:kv_lora_rank=128"]
 ARGS = ["--n-layer", "4", "--n-head", "8", "--n-embd", "128", "--block-size", "128", "--batch-size", "8",
-        "--max-iters", "300", "--seeds", "3", "--contexts", "512,2048,4096", "--decode-steps", "16", "--rounds", "5",
-        "--jobs", "2", "--threads", "1"]
+        "--max-iters", "300", "--seeds", "3", "--val-tokens", "100000", "--contexts", "512,2048,4096",
+        "--decode-steps", "16", "--rounds", "5", "--jobs", "2", "--threads", "1"]
 
 
 def compare_argv(out: Path, extra: list[str], fresh: bool) -> list[str]:

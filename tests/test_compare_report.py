@@ -34,6 +34,8 @@ def test_spread_and_noise_against_hand_computed_values():
     assert (r.median, r.lo, r.hi) == (20.0, 10.0, 30.0)
     assert faster(speed_range([31, 40]), r) is True and faster(r, speed_range([31, 40])) is False
     assert faster(speed_range([25, 40]), r) is None  # ranges overlap: within noise
+    assert r.text() == "20.0 (10.0–30.0)" and speed_range([0.42, 0.4, 0.45]).text() == "0.42 (0.40–0.45)"
+    assert speed_range([1234.4, 1200, 1300]).text() == "1,234 (1,200–1,300)"
 
 
 def entry(name, preset, val, cache=None, rung=True, variants=("own",), rounds=(), tokens=(1, 2, 3), **over):

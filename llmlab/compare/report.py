@@ -129,7 +129,7 @@ def timing_text(doc: dict) -> str:
     return (f"Speeds: {s['rounds']} rounds, round-robin over one process per preset (the order of turns is in "
             f"results.json), after an untimed warm-up round; each cell is the median with the min–max over the "
             f"rounds. Decode: batch 1, {s['decode_steps']} greedy tokens after a context of C tokens "
-            "(a recomputing rung: 2), on random weights of the rung's architecture (speed does not depend on "
+            "(a recomputing rung: 1), on random weights of the rung's architecture (speed does not depend on "
             "their values; learned positions get a table as long as the longest context).")
 
 

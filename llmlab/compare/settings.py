@@ -71,7 +71,7 @@ class CompareSettings:
     device: str = _("auto", "auto (cuda > mps > cpu), cpu, cuda, mps", metavar="NAME")
     contexts: list[int] = _([128, 512, 2048], "decode context lengths in tokens (learned positions are "
                                               "timed on a table this long)")
-    decode_steps: int = _(16, "decode tokens timed after each context (a recomputing rung times 2)")
+    decode_steps: int = _(16, "decode tokens timed after each context (a recomputing rung times 1)")
     rounds: int = _(5, "timing rounds, round-robin over the presets' processes; median with min-max")
     compile: bool = _(True, "also time the compiled decode step where it applies (10-30 s to compile per preset)")
     val_tokens: Optional[int] = _(None, "the whole-split val loss over at most this many tokens",

@@ -59,7 +59,9 @@ class Range:
     hi: float
     n: int
 
-    def text(self, digits: int = 0) -> str:
+    def text(self) -> str:
+        """'1,234 (1,200–1,300)'; slow speeds keep two significant digits ('0.42 (0.40–0.45)')."""
+        digits = 0 if self.median >= 100 else (1 if self.median >= 10 else 2)
         return f"{self.median:,.{digits}f} ({self.lo:,.{digits}f}–{self.hi:,.{digits}f})"
 
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-RECOMPUTE_STEPS = 2  # a recomputing rung runs the whole context per token: few tokens say enough
+RECOMPUTE_STEPS = 1  # a recomputing rung runs the whole context for each token: one says enough
 VARIANTS = ("own", "compiled", "decompressing")
 
 
