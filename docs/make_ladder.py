@@ -116,8 +116,10 @@ def fill(out: Path, ladder: Path) -> None:
         missing = f"_Not generated yet: `python docs/make_ladder.py` fills this from {path.name}._\n"
     else:
         values, missing = blocks(doc), "_Not in this comparison._\n"
+    from llmlab.fsutil import atomic_write_bytes
+
     text = BLOCK.sub(lambda m: m.group(1) + values.get(m.group(2), missing) + m.group(4), ladder.read_text())
-    ladder.write_text(text)
+    atomic_write_bytes(ladder, text.encode("utf-8"))
     print(f"wrote {ladder} from {path}")
 
 

@@ -46,10 +46,13 @@ def machine() -> str:
 def normalized(config: dict[str, Any]) -> dict[str, Any]:
     """The config with derived sizes filled in (n_kv_head None is n_head; MLA's None sizes are
     their defaults), so equal models compare equal."""
+    import dataclasses
+
     import llmlab.model  # noqa: F401 - registers the kinds ModelConfig validates against
     from llmlab.config import MLA_FIELDS, ModelConfig
 
-    c = ModelConfig.from_dict(dict(config))
+    known = {f.name for f in dataclasses.fields(ModelConfig)}  # a recorded config may also hold runtime fields
+    c = ModelConfig.from_dict({k: v for k, v in config.items() if k in known})
     out = dict(config) | {"n_kv_head": c.kv_heads}
     if c.attention == "mla":
         out |= {"n_kv_head": None, "kv_lora_rank": c.latent_dim, "qk_nope_head_dim": c.nope_head_dim,

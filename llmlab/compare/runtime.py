@@ -1,7 +1,9 @@
-"""How a model decodes, asked in one place: compare (and `bench decode`'s cache table) read a
-model's cache kind only through cache_kind(), and switch MLA's one-token step only through
-set_absorbed(). When the runtime options move out of ModelConfig, these two functions are what
-changes."""
+"""How a model runs, asked in one place: compare (and `bench decode`'s cache table) read a model's
+cache kind only through cache_kind(), switch MLA's one-token step only through set_absorbed(),
+record a run's settings through recorded_config() and rebuild a model from them through build().
+When the runtime options (attention implementation, cache kind) move out of ModelConfig, these
+functions are what changes: the rest of compare sees one flat dict of fields, `attn_backend` and
+`use_cache` among them."""
 from __future__ import annotations
 
 NONE, DENSE, PAGED = "none", "dense", "paged"
@@ -24,3 +26,16 @@ def set_absorbed(model, absorbed: bool) -> bool:
     for attn in layers:
         attn.absorb = absorbed
     return bool(layers)
+
+
+def recorded_config(model) -> dict:
+    """What results.json records of a model: its config's fields and how it runs, in one dict."""
+    return model.config.to_dict()
+
+
+def build(config: dict):
+    """A model (random weights) of a recorded config."""
+    from llmlab.config import ModelConfig
+    from llmlab.model import Transformer
+
+    return Transformer(ModelConfig.from_dict(dict(config)))

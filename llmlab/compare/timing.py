@@ -58,18 +58,15 @@ class Bench:
     def __init__(self, c: Contestant):
         import torch
 
-        from llmlab.compare.runtime import DENSE, NONE, cache_kind, set_absorbed
-        from llmlab.config import ModelConfig
-        from llmlab.model import Transformer
+        from llmlab.compare.runtime import DENSE, NONE, build, cache_kind, set_absorbed
 
         self.c = c
         torch.manual_seed(c.seed)
-        cfg = ModelConfig.from_dict(dict(c.config))
-        self.train_model = Transformer(cfg).to(c.device)
+        self.train_model = build(c.config).to(c.device)
         longest = max(c.contexts) + c.decode_steps + 1
         limit = self.train_model.pos.max_positions
         self.model = self.train_model if limit is None or limit >= longest else \
-            Transformer(cfg.replace(block_size=longest)).to(c.device)
+            build(c.config | {"block_size": longest}).to(c.device)
         self.model.eval()
         # RoPE/sinusoidal tables at their longest from the start: a table grown between contexts
         # would make the compiled step recompile mid-timing (its graph is guarded on the table's size)
@@ -77,10 +74,10 @@ class Bench:
         self.kind = cache_kind(self.model)
         self.has_mla = set_absorbed(self.model, True)
         gen = torch.Generator().manual_seed(c.seed + 1)
-        v = cfg.vocab_size
+        v, t = c.config["vocab_size"], c.config["block_size"]
         self.ids = {n: torch.randint(0, v, (1, n), generator=gen).to(c.device) for n in c.contexts}
-        self.batch = (torch.randint(0, v, (c.batch_size, cfg.block_size), generator=gen).to(c.device),
-                      torch.randint(0, v, (c.batch_size, cfg.block_size), generator=gen).to(c.device))
+        self.batch = (torch.randint(0, v, (c.batch_size, t), generator=gen).to(c.device),
+                      torch.randint(0, v, (c.batch_size, t), generator=gen).to(c.device))
         steps = RECOMPUTE_STEPS if self.kind == NONE else c.decode_steps
         applies = {"own": True, "compiled": c.compile and self.kind == DENSE,
                    "decompressing": self.has_mla and self.kind == DENSE}

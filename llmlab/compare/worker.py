@@ -78,7 +78,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from llmlab.bench import cache_bytes_entry
     from llmlab.checkpoint import load
-    from llmlab.compare.runtime import PATHS, cache_kind
+    from llmlab.compare.runtime import PATHS, cache_kind, recorded_config
     from llmlab.generation import generate
     from llmlab.training import TrainArgs, train
     from llmlab.training.device import pick_device
@@ -106,7 +106,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         cache = cache_bytes_entry(spec["entry"], model, model.config.block_size) if kind != "none" else None
     return {
         "entry": spec["entry"], "preset": spec["preset"], "seed": spec["seed"], "status": "ok",
-        "settings": spec["settings"], "config": model.config.to_dict(), "params": model.num_params(),
+        "settings": spec["settings"], "config": recorded_config(model), "params": model.num_params(),
         "val_loss": curve[-1][1] if curve else None, "val_loss_whole": round(full_val, 4),
         "val_tokens": int(val_tokens), "val_curve": curve, "peak_mem_mib": round(peak, 1),
         "cache_kind": kind, "decode_path": PATHS[kind], "greedy_tokens": greedy,
