@@ -27,13 +27,15 @@ BLOCK = re.compile(r"(<!-- numbers:([\w-]+) -->\n)(.*?)(<!-- /numbers -->)", re.
 # The docs comparison: every rung, and the attention kinds on the controlled Llama block (RoPE,
 # RMSNorm, SwiGLU, untied, no biases: llama and rope_mla's block) with everything else equal.
 # 8 heads: MLA's cache (d_c + d_r = 72 values a layer) is below 1/3 of MHA's (2·8·16 = 256).
-# 16 entries x 3 seeds = 48 runs of 300 steps, 2 at a time, then 5 timing rounds at 512/2k/4k.
+# 16 entries x 3 seeds = 48 runs of 300 steps, 2 at a time, then 5 timing rounds at 512/2k/4k of
+# the eager steps (the compiled step, 1.4-1.8x at 4k here, would add ~7 min of compiling and rounds;
+# `llmlab bench decode` measures it).
 PRESETS = "all,llama_mha=llama,llama_gqa4=llama,llama_mqa=llama,mla_c32=rope_mla,mla_c128=rope_mla"
 SETS = ["llama_mha:n_kv_head=8", "llama_gqa4:n_kv_head=4", "llama_mqa:n_kv_head=1", "mla_c32:kv_lora_rank=32",
         "mla_c128:kv_lora_rank=128"]
 ARGS = ["--n-layer", "4", "--n-head", "8", "--n-embd", "128", "--block-size", "128", "--batch-size", "8",
         "--max-iters", "300", "--seeds", "3", "--val-tokens", "100000", "--contexts", "512,2048,4096",
-        "--decode-steps", "16", "--rounds", "5", "--jobs", "2", "--threads", "1"]
+        "--decode-steps", "16", "--rounds", "5", "--no-compile", "--jobs", "2", "--threads", "1"]
 
 
 def compare_argv(out: Path, extra: list[str], fresh: bool) -> list[str]:
@@ -72,7 +74,7 @@ def rung_block(doc: dict, name: str, claims: list) -> str:
             f"tokens/s; cache {cache}.\n")
     mine = [c for c in claims if name in [r.strip() for r in c.rung.split(",")]]
     for c in mine:
-        text += f"\n{c.mark} *{c.text}*: {c.measured or 'not measured'}{'. ' + c.note if c.note else ''}.\n"
+        text += f"\n{c.mark} *{c.text}*: {c.measured or 'not measured'}{' — ' + c.note if c.note else ''}.\n"
     return text
 
 

@@ -79,7 +79,8 @@ def test_claims_on_known_numbers():
     mla = claim(doc, "MLA keeps MHA-like quality")
     assert mla.verdict is True and "+0.020" in mla.measured  # 512 B <= 2048/3; 2.325 - 2.305
     assert claim(doc, "MLA's absorbed decode beats").verdict is True  # 3.5x at 512
-    assert claim(doc, "sinusoidal positions").verdict is True  # +0.03, and no position table
+    sin = claim(doc, "sinusoidal positions")
+    assert sin.verdict is True and sin.note == ""  # +0.03, and no position table
     assert claim(doc, "RoPE learns better").verdict is True
     assert claim(doc, "flash trains faster").verdict is None  # no basic here: not measured
     # one number changed: the verdict follows

@@ -248,9 +248,9 @@ def position_claims(doc: dict) -> list[Claim]:
         sin.verdict = close and free
         if not free:
             sin.note = "the sinusoidal rung should hold exactly the learned table's parameters fewer"
-        elif d > 0:
+        elif not close and d > 0:
             sin.note = "the fixed table must sit at the token embeddings' scale (SinusoidalPositions.scale)"
-        else:
+        elif not close:
             sin.note = "better than learned by more than the tolerance: a fixed table has nothing to learn early on"
     else:
         sin.note = "needs kv_cache and sinusoidal (configs differing only in position)"

@@ -50,8 +50,9 @@ def ladder_table(doc: dict) -> str:
 
 def speed_table(doc: dict) -> str:
     ctxs = doc["settings"]["contexts"]
+    variants = ("own", "compiled") if doc["settings"]["compile"] else ("own",)
     header = ["preset", "train tokens/s"] + [f"decode tok/s @ {c}" for c in ctxs] + \
-        [f"compiled @ {c}" for c in ctxs]
+        ([f"compiled @ {c}" for c in ctxs] if doc["settings"]["compile"] else [])
     rows = []
     for e in ok(doc):
         t = e.get("timing", {})
@@ -59,7 +60,7 @@ def speed_table(doc: dict) -> str:
             rows.append([e["name"], f"not timed: {t['error']}"] + ["-"] * (len(header) - 2))
             continue
         cells = [e["name"], (train_speed(e).text() if train_speed(e) else "n/a")]
-        for variant in ("own", "compiled"):
+        for variant in variants:
             cells += [(r.text() if (r := decode_speed(e, variant, c)) else "n/a") for c in ctxs]
         rows.append(cells)
     return _table(header, rows, left=1)
@@ -69,19 +70,20 @@ def attention_tables(doc: dict) -> str:
     """One table per set of entries that differ only in attention (MHA first, then by cache)."""
     out = []
     ctx = max(doc["settings"]["contexts"])
+    variants = ("own", "compiled", "decompressing") if doc["settings"]["compile"] else ("own", "decompressing")
     for mha, others in claims_mod.groups(doc):
         block = ", ".join(f"{k} {mha['config'][k]}" for k in ("position", "norm", "mlp", "tie_embeddings", "bias"))
         rows = []
         for e in [mha] + sorted(others, key=lambda x: -(x["cache_bytes_per_token"] or 0)):
             cache = e["cache_bytes_per_token"]
-            speeds = {v: decode_speed(e, v, ctx) for v in ("own", "compiled", "decompressing")}
+            speeds = {v: decode_speed(e, v, ctx) for v in variants}
             rows.append([e["name"], attention_label(e["config"]), _num(e["params"]), _num(cache),
                          f"{cache / mha['cache_bytes_per_token']:.3f}" if cache else "n/a", val(e).text(),
                          "–" if e is mha else compare_means(val(e), val(mha))[2]]
                         + [s.text() if s else "n/a" for s in speeds.values()])
         out.append(f"On one base ({block}; everything else equal):\n\n" + _table(
             ["entry", "attention", "params", "cache bytes/token", "cache vs MHA", "val loss (whole split)", "Δ vs MHA",
-             f"decode tok/s @ {ctx}", f"compiled @ {ctx}", f"decompressing @ {ctx}"], rows))
+             f"decode tok/s @ {ctx}"] + [f"{v} @ {ctx}" for v in variants[1:]], rows))
     return "\n\n".join(out) if out else "No two entries differ only in attention."
 
 
