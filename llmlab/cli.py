@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="evaluate on this data's validation split instead")
     p.add_argument("--max-tokens", type=int, default=200_000, help="evaluate at most this many tokens")
     p.add_argument("--device", default="auto")
-    p = sub.add_parser("convert", help="to / from Hugging Face transformers (GPT-2, Llama, Qwen2); "
+    p = sub.add_parser("convert", help="to / from Hugging Face transformers (GPT-2, Llama, Qwen2, DeepSeek-V2); "
                                        "a sharded (--parallel) checkpoint to a single one")
     p.add_argument("run_dir", nargs="?", help="llmlab run to export (with --to-hf), or a sharded checkpoint "
                                               "(RUN/last of a --parallel run, with --out)")
@@ -237,10 +237,15 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_convert(ns: argparse.Namespace) -> int:
+    from llmlab.fsutil import check_out_path
     from llmlab.training.dcp import is_sharded, to_single
 
+    if ns.to_hf and ns.out:
+        raise LlmlabError("--to-hf DIR is where the export goes; --out does not apply to it: drop one of them")
     if ns.run_dir and ns.out and not ns.to_hf and not ns.from_hf and is_sharded(Path(ns.run_dir)):
-        to_single(Path(ns.run_dir), Path(ns.out))
+        # the single-process rules: never into a run, a checkpoint, a non-empty folder or over a file
+        out = check_out_path(ns.out, "--out", directory=True)
+        to_single(Path(ns.run_dir), out)
         print(f"converted {ns.run_dir} -> {ns.out} (a single safetensors checkpoint)")
         return 0
     try:

@@ -147,9 +147,9 @@ def test_batch_threads_with_parallel_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_dcp_metadata_pickle_is_allow_listed(tmp_path):
+def test_legacy_dcp_metadata_pickle_is_allow_listed(tmp_path):
     """DCP's .metadata is a pickle: a file that would run code is refused before anything runs."""
-    from llmlab.training.dcp import SafeReader
+    from llmlab.training.dcp_legacy import read_metadata_pickle
 
     class Evil:
         def __reduce__(self):
@@ -157,7 +157,7 @@ def test_dcp_metadata_pickle_is_allow_listed(tmp_path):
 
     (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(LlmlabError, match="refusing posix.system|refusing os.system"):
-        SafeReader(str(tmp_path)).read_metadata()
+        read_metadata_pickle(tmp_path / ".metadata")
     assert not (tmp_path / "pwned").exists()
 
 
