@@ -136,36 +136,30 @@ def _read_toml(path: str) -> dict[str, Any]:
     return values
 
 
+def _given_settings(ns: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave: the TOML file's, then the flags' (flags win)."""
+    values = _read_toml(ns.config) if getattr(ns, "config", None) else {}
+    values.update({k: v for k, v in vars(ns).items() if k not in ("command", "config")})
+    return values
+
+
 def train_args(ns: argparse.Namespace):
-    """TrainArgs from the parsed flags over the TOML file over (with --resume) the run's saved
-    settings over the defaults."""
+    """TrainArgs from the flags over the TOML file over the defaults (a resume's saved settings
+    come in at plan_run, under what was given)."""
     from llmlab.training import TrainArgs
 
-    given = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
-    values = _read_toml(ns.config) if getattr(ns, "config", None) else {}
-    values.update(given)
-    if values.get("resume") and values.get("out"):
-        # continue with the run's own settings (data, tokenizer, schedule...); flags given now win
-        from llmlab.checkpoint import read_meta
-
-        for last in (Path(values["out"]) / "last", Path(values["out"]) / ".last.old"):  # .old: train() repairs
-            if (last / "config.json").is_file():
-                values = {**read_meta(last).get("train", {}), **values}
-                break
-    known = {f.name for f in dataclasses.fields(TrainArgs)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise LlmlabError(f"unknown training setting(s) in config: {', '.join(unknown)}")
-    return TrainArgs(**values)
+    return TrainArgs(**_given_settings(ns))
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from llmlab.training import train
+    from llmlab.training import TrainArgs, train
 
-    summary = train(train_args(ns))
+    given = _given_settings(ns)
+    summary = train(TrainArgs(**given), given=given)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return 0
-    print(f"trained to step {summary['step']}: val loss {summary['val_loss']:.4f} "
+    val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
+    print(f"trained to step {summary['step']}: val loss {val} "
           f"(best {summary['best_val_loss']:.4f}), {summary['params'] / 1e6:.2f}M params -> {summary['out']}")
     if "sample" in summary:
         print("--- sample ---")
@@ -224,7 +218,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from llmlab.training.evaluate import consecutive_windows, mean_loss
 
     model, tok = _load_run(ns.run_dir, ns.device)
-    data = ns.data or read_meta(resolve_checkpoint(ns.run_dir))["train"].get("data")
+    meta = read_meta(resolve_checkpoint(ns.run_dir))
+    data = ns.data if ns.data is not None else meta["train"].get("data")
+    if ns.data is None and data not in (None, "shakespeare") and not Path(data).exists():
+        sha = meta["state"].get("data_sha256")
+        raise LlmlabError(f"this run was trained on {data}{f' (sha256 {sha})' if sha else ''}, which is missing; "
+                          "pass --data PATH to evaluate on a copy of it (or on other text)")
     name, text = load_text(data)
     _, val = split_ids(encode_corpus(text, tok))
     blk = model.config.block_size
@@ -336,8 +335,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             msg = one_line(e, limit=2000)
             print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training says where it stopped and how to continue
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

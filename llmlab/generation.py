@@ -54,18 +54,13 @@ def _check_args(temperature, top_k, top_p, max_new_tokens, seed=None) -> None:
 
 
 def _check_cache_fits(model, batch: int, max_len: int) -> None:
-    """Refuse a KV cache that cannot fit in memory before allocating it (a huge max_new_tokens on a
-    model whose positions never run out would otherwise end in an allocation traceback or an
-    out-of-memory kill). Keys + values of every layer, in the model's dtype."""
-    from llmlab.checkpoint import _free_memory_bytes
+    """Refuse a cache that cannot fit in memory before allocating it (a huge max_new_tokens on a
+    model whose positions never run out would otherwise end in an out-of-memory kill)."""
+    from llmlab import memory
 
-    cfg = model.config
-    elem = model.tok_emb.weight.element_size()
-    need = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * batch * max_len * elem
-    free = _free_memory_bytes() if model.tok_emb.weight.device.type == "cpu" else None
-    if free is not None and need > free:
-        raise LlmlabError(f"a KV cache for {max_len:,} positions needs about {need / 2**30:.1f} GiB but only "
-                          f"{free / 2**30:.1f} GiB of memory is free; ask for fewer new tokens")
+    weight = model.tok_emb.weight
+    need = memory.cache_bytes(model.config, batch, max_len, weight.element_size())
+    memory.check_fits(need, f"a cache for {max_len:,} positions", "ask for fewer new tokens", weight.device.type)
 
 
 def _left_pad(prompts: Prompts, device) -> tuple[torch.Tensor, torch.Tensor]:

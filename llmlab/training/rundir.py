@@ -15,6 +15,28 @@ from typing import Optional
 from llmlab.errors import LlmlabError
 
 LOCK_FILE = ".lock"
+# Every name train writes in a run folder (files, or directories it replaces by rename)
+RUN_ENTRIES = (LOCK_FILE, "metrics.jsonl", "last", "best", ".last.tmp", ".last.old", ".best.tmp", ".best.old")
+
+
+def refuse_links(out: Path) -> None:
+    """A link in a run folder would be written through: `.lock -> ~/.bashrc` truncated by the lock,
+    `metrics.jsonl -> notes` appended to. llmlab never follows one there; it refuses in one line."""
+    for name in RUN_ENTRIES:
+        if (out / name).is_symlink():
+            raise LlmlabError(f"{out / name} is a symbolic link; llmlab never writes through links in a run "
+                              "folder: remove the link (or choose another --out)")
+
+
+def open_no_follow(path: Path, flags: int) -> int:
+    """os.open that fails instead of following a link planted after the check (O_NOFOLLOW)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        if path.is_symlink():
+            raise LlmlabError(f"{path} is a symbolic link; llmlab never writes through links in a run folder: "
+                              "remove it") from None
+        raise
 
 
 class RunLock:
@@ -24,7 +46,8 @@ class RunLock:
     def __init__(self, out: Path):
         self.out, self.created = Path(out), not Path(out).exists()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.out / LOCK_FILE, "a+")
+        refuse_links(self.out)
+        self.fh = os.fdopen(open_no_follow(self.out / LOCK_FILE, os.O_RDWR | os.O_CREAT), "r+")
         try:
             fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
