@@ -317,6 +317,16 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert
             "compare": cmd_compare}
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so Python's final flush at exit cannot fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (pytest's capture): nothing to flush
+        pass
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         if argv is not None and any("\0" in str(a) for a in argv):  # no OS path may hold one
@@ -326,7 +336,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             from llmlab.threads import use_free_cores
 
             use_free_cores()  # one torch thread per core no other process holds (why: llmlab/threads.py)
-        return COMMANDS[ns.command](ns)
+        code = COMMANDS[ns.command](ns)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, inside the handlers below
+        return code
+    except BrokenPipeError:  # `llmlab sample ... | head -c 1`: the reader has what it wanted
+        _silence_stdout()
+        return 0
+    except OSError as e:  # an unexpected I/O failure (`> /dev/full`): one line, never a traceback
+        _silence_stdout()
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     except LlmlabError as e:  # one line, whatever the message holds (a path with a newline, ...)
         from llmlab.training.loop import RankError
 

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from llmlab.errors import LlmlabError
 from llmlab.registry import names
+from llmlab.validate import check_fields
 
 # The kinds each of these fields may take are the names registered by the modules in llmlab/model/
 # (llmlab.registry): a later rung adds a module with `@register(...)`, and nothing else lists them.
@@ -93,12 +94,19 @@ class ModelConfig:
             if not cond:
                 raise LlmlabError(msg)
 
+        # types first (a bool or 64.5 where an int is meant, a string, NaN/inf): one line, not a traceback later
+        check_fields(ModelConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "model config")
         for name in KIND_FIELDS:
             value, kinds = getattr(self, name), names(name)
             need(value in kinds, f"unknown {name} {value!r}; choose one of: {', '.join(kinds)}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            need(int(getattr(self, name)) > 0, f"{name} must be a positive integer, got {getattr(self, name)}")
+            need(getattr(self, name) > 0, f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("n_kv_head", "head_dim", "intermediate_size"):
+            need(getattr(self, name) is None or getattr(self, name) > 0,
+                 f"{name} must be a positive integer (or unset), got {getattr(self, name)}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.rope_theta > 0, f"rope_theta must be a finite number > 0, got {self.rope_theta}")
+        need(self.norm_eps >= 0, f"norm_eps must be a finite number >= 0, got {self.norm_eps}")
         if self.head_dim is None:
             need(self.n_embd % self.n_head == 0,
                  f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "

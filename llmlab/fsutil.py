@@ -125,7 +125,13 @@ def check_out_path(path: PathLike, flag: str, *, directory: bool, allow_existing
     `allow_existing`) a non-empty directory, which would be overwritten."""
     if path is None or str(path).strip() == "":
         raise LlmlabError(f"{flag} is empty; pass a path")
-    p = Path(path).expanduser()
+    try:
+        return _check_out_path(Path(path).expanduser(), flag, directory, allow_existing)
+    except OSError as e:  # a name too long for the filesystem, a loop of links, ...
+        raise LlmlabError(f"{flag} {path}: {one_line(e)}; pass another path") from None
+
+
+def _check_out_path(p: Path, flag: str, directory: bool, allow_existing: bool) -> Path:
     if p.exists():
         if directory and not p.is_dir():
             raise LlmlabError(f"{flag} {p} is a file, not a directory; pass a new directory")

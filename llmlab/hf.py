@@ -67,7 +67,10 @@ def _rope_theta(c) -> float:
     if float(params.get("partial_rotary_factor") or 1.0) != 1.0:
         raise LlmlabError(f"{c.model_type}: partial rotary embeddings are not supported")
     theta = params.get("rope_theta", getattr(c, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
+    try:
+        return float(theta if theta is not None else 10000.0)
+    except (TypeError, ValueError):
+        raise LlmlabError(f"{c.model_type}: rope_theta {theta!r} is not a number") from None
 
 
 def config_from_hf(c) -> ModelConfig:

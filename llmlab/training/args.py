@@ -12,6 +12,7 @@ from llmlab.settings import check_choices
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias")
 PARALLEL = ("none", "ddp", "fsdp")
+MAX_SAMPLE_TOKENS = 100_000  # the end-of-training sample: a glance, not a book
 MAX_VOCAB = 1 << 20  # BPE training allocates per id: far past any real vocabulary (256k) is a typo
 TOKENIZERS = ("byte", "char", "bpe")
 
@@ -94,7 +95,9 @@ class TrainArgs:
                   # NaN compares false with everything, so `>= 0` refuses it too
                   (self.grad_clip >= 0 and math.isfinite(self.grad_clip),
                    f"--grad-clip must be a finite number >= 0 (0: no clipping), got {self.grad_clip}"),
-                  (self.sample_tokens >= 0, f"--sample-tokens must be >= 0 (0: none), got {self.sample_tokens}"),
+                  (0 <= self.sample_tokens <= MAX_SAMPLE_TOKENS,
+                   f"--sample-tokens must be in [0, {MAX_SAMPLE_TOKENS:,}] (0: none; `llmlab sample` writes more), "
+                   f"got {self.sample_tokens}"),
                   (self.out is None or str(self.out).strip() != "", "--out is empty; pass a run directory"),
                   (self.parallel in PARALLEL, f"--parallel must be one of {', '.join(PARALLEL)}, got {self.parallel}"),
                   # shards add their gradients straight into .grad, past the hooks DDP and FSDP sync with

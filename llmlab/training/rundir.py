@@ -70,9 +70,16 @@ class RunLock:
 
 def _state(directory: Path) -> Optional[dict]:
     try:
-        return json.loads((directory / "config.json").read_text()).get("state", {})
+        meta = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    state = meta.get("state") if isinstance(meta, dict) else None
+    return state if isinstance(state, dict) else None
+
+
+def _number(x) -> Optional[float]:
+    """A number from a config.json a user may have edited; anything else counts as unknown."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
 def recover(out: Path) -> list[str]:
@@ -84,11 +91,12 @@ def recover(out: Path) -> list[str]:
             os.replace(old, target)
             done.append(f"recovered {target} from {old.name} (a checkpoint swap was interrupted)")
         shutil.rmtree(out / f".{name}.tmp", ignore_errors=True)  # a write that never finished
-    last, best = _state(out / "last"), _state(out / "best")
-    if last is not None and last.get("val_loss") is not None and last["val_loss"] <= last.get("best_val_loss", 0) \
-            and (best is None or last["val_loss"] < best.get("val_loss", float("inf"))):
+    last, best = _state(out / "last") or {}, _state(out / "best")
+    val, best_val = _number(last.get("val_loss")), _number(last.get("best_val_loss"))
+    if val is not None and best_val is not None and val <= best_val \
+            and (best is None or val < (_number(best.get("val_loss")) or float("inf"))):
         _best_from_last(out)  # last/ holds the best weights but best/ was not written (killed)
-        done.append(f"rebuilt {out / 'best'} from {out / 'last'} (val loss {last['val_loss']:.4f}; "
+        done.append(f"rebuilt {out / 'best'} from {out / 'last'} (val loss {val:.4f}; "
                     "its write was interrupted)")
     return done
 
