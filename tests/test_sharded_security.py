@@ -217,3 +217,26 @@ def test_convert_to_hf_with_out_is_one_line(tmp_path, capsys):
     assert cli(["convert", str(tmp_path / "run"), "--to-hf", str(tmp_path / "x"), "--out", str(tmp_path / "y")]) == 2
     assert "--out does not apply" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_shard_with_a_tensor_this_model_never_has_is_refused(tmp_path, sharded_run, capsys):
+    """A shard rewritten with one more tensor (a planted key, the header's DCP offsets kept valid):
+    refused in one line before anything is loaded."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(sharded_run, run)
+    shard = next((run / "last" / "dcp").iterdir())
+    with safe_open(str(shard), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    info = json.loads(meta["DCP_SHARDING_INFO"])
+    tensors["model.evil"] = torch.zeros(3)
+    info["model.evil"] = {"saved_offsets": [0]}
+    save_file(tensors, str(shard), metadata=meta | {"DCP_SHARDING_INFO": json.dumps(info)})
+    assert cli(["convert", str(run / "last"), "--out", str(tmp_path / "single")]) == 2
+    err = capsys.readouterr().err
+    assert "model.evil" in err and "never has" in err and err.count("\n") == 1
