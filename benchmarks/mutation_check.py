@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("llmlab", "tests", "benchmarks", "pyproject.toml")
+COPIED = ("llmlab", "tests", "benchmarks", "pyproject.toml", "README.md")
 PYTEST = ("-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", "--hypothesis-seed=0")  # repeatable
 
 
@@ -102,8 +102,8 @@ MUTATIONS: list[Mutation] = [
       "table[:, 0::2] = torch.cos(pos * inv)", T_MODEL, "even channels get cos"),
     M("learned_positions_offset", POS, "return x + self.weight[pos]", "return x + self.weight[pos - 1]",
       T_HF_MODEL, "token p gets position row p-1 (row 0 never used)"),
-    M("padded_rows_positions", CACHE, "return (input_pos[None, :] - self.pad[:batch, None]).clamp_min(0)",
-      "return input_pos[None, :].expand(batch, -1)", T_CACHE, "left-padded rows start at position pad, not 0"),
+    M("padded_rows_positions", CACHE, "positions = (slots[None, :] - pad[:, None]).clamp_min(0)  # (B, T)",
+      "positions = slots[None, :].expand(batch, -1)  # (B, T)", T_CACHE, "left-padded rows start at position pad, not 0"),
     # ---- norms, MLPs, the block ------------------------------------------------------------
     M("rmsnorm_eps_dropped", LAY, "nn.RMSNorm(config.n_embd, eps=config.norm_eps)", "nn.RMSNorm(config.n_embd)",
       T_HF_MODEL, "RMSNorm uses torch's default eps instead of the config's"),
@@ -113,8 +113,8 @@ MUTATIONS: list[Mutation] = [
       "silu applied to the up half"),
     M("gelu_approximate_flag", LAY, 'self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"',
       'self.approximate = "none"', T_HF_MODEL, "gelu_tanh computed as exact GELU"),
-    M("residual_dropped", TRF, "x = x + self.attn(self.norm1(x), rotary, view, layer)",
-      "x = self.attn(self.norm1(x), rotary, view, layer)", T_HF_MODEL, "attention output replaces the stream"),
+    M("residual_dropped", TRF, "x = x + self.attn(self.norm1(x), rotary, step, layer)",
+      "x = self.attn(self.norm1(x), rotary, step, layer)", T_HF_MODEL, "attention output replaces the stream"),
     M("final_norm_skipped", TRF, "return self.lm_head(self.norm_f(x))", "return self.lm_head(x)", T_HF_MODEL,
       "no final norm before the head"),
     M("tied_head_not_retied", TRF, "self.lm_head.weight = self.tok_emb.weight  # to_empty()",
@@ -134,18 +134,18 @@ MUTATIONS: list[Mutation] = [
     M("mla_absorbed_softmax_dim", MLA, "p = F.softmax(scores, dim=-1, dtype=torch.float32)",
       "p = F.softmax(scores, dim=-2, dtype=torch.float32)", T_MLA, "absorbed decode softmax over heads/queries"),
     # ---- caches ----------------------------------------------------------------------------
-    M("kv_cache_write_slot", CACHE, "self.v[:b, :, input_pos] = v", "self.v[:b, :, input_pos - 1] = v", T_CACHE,
-      "values written one slot early"),
-    M("latent_cache_write_slot", CACHE, "self.kv[:b, input_pos] = kv", "self.kv[:b, input_pos - 1] = kv", T_MLA,
-      "latents written one slot early"),
-    M("padding_mask_pad_visible", CACHE, "allowed = ((s <= q)[None] & real) | (s == q)[None]",
-      "allowed = (s <= q)[None] | (s == q)[None]", T_CACHE, "real tokens attend to left padding"),
-    M("paged_store_offset", PAGED, "pages.pool[layer, blocks, pos % bs] = new.to(pages.pool.dtype)",
-      "pages.pool[layer, blocks, (pos + 1) % bs] = new.to(pages.pool.dtype)", T_FLASH,
-      "paged store one row late inside its block"),
-    M("paged_gather_block_index", PAGED, "blocks = pages.block_table[: self.batch, j // bs].long()  # (B, S)",
-      "blocks = pages.block_table[: self.batch, j // bs * 0].long()  # (B, S)", T_FLASH,
-      "prefill gathers every token from the row's first block"),
+    M("cache_write_slot", CACHE, "pool[self.write_block, self.write_offset] = x",
+      "pool[self.write_block, self.write_offset - 1] = x", T_CACHE, "every cached tensor written one slot early"),
+    M("latent_cache_write_slot_mla", CACHE, "pool[self.write_block, self.write_offset] = x",
+      "pool[self.write_block, (self.write_offset + 1) % pool.shape[1]] = x", T_MLA,
+      "MLA latents (the same write path) written one slot late"),
+    M("padding_mask_pad_visible", CACHE, "allowed = ((s <= q) & (s >= self.start[:, None, None])) | (s == q)",
+      "allowed = (s <= q) | (s == q)", T_CACHE, "real tokens attend to left padding"),
+    M("paged_store_offset", PAGED, "offset.append(p % bs if p >= 0 else 0)",
+      "offset.append((p + 1) % bs if p >= 0 else 0)", T_FLASH, "paged store one row late inside its block"),
+    M("paged_gather_block_index", CACHE, "g = pool[self.table.long()]  # (B, blocks, *layout of one block)",
+      "g = pool[self.table.long() * 0]  # (B, blocks, *layout of one block)", T_FLASH,
+      "a paged read takes every token from the pool's first block"),
     # ---- generation ------------------------------------------------------------------------
     M("top_k_keeps_k_plus_1", GEN, "kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]",
       "kth = torch.topk(logits, top_k + 1, dim=-1).values[:, -1:]", T_GEN, "top-k keeps k+1 tokens"),

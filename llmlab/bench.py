@@ -10,15 +10,18 @@ reuses measure_contexts and cache_bytes_entry), print_* format them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
+from llmlab.model.cache import values_per_token
 from llmlab.registry import lookup
 
 SHAPES = ("gpt2", "llama", "deepseek")
@@ -34,26 +37,41 @@ COMPILED_RUN, UNCACHED_RUN = "llmlab generate, cache + compile", "llmlab generat
 UNCACHED_STEPS = 4  # full-recompute steps timed per context length (each costs a whole forward)
 
 
+def _(default: Any, help: str, **meta: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class BenchArgs:
+    """The settings of `llmlab bench decode` (its flags are derived from these fields)."""
+    shape: str = _("gpt2", "gpt2: 4 layers, d 256, 8 heads, vocab 512; llama: the same with 2 KV heads, RoPE, "
+                           "RMSNorm, SwiGLU; deepseek: DeepSeek-V2 MLA (d_c 128, d_r 16, nope 32, v 32), RoPE, "
+                           "RMSNorm, SwiGLU", choices=SHAPES)
+    prompt_len: int = _(16, "prompt tokens of table 1")
+    new_tokens: int = _(256, "tokens generated in table 1")
+    contexts: str = _("64,256,1024", "comma-separated context lengths for table 2", metavar="C,C,...")
+    repeats: int = _(3, "timed repeats per measurement (median)")
+    decode_steps: int = _(DECODE_STEPS, "cached decode steps timed per context")
+    compile: bool = _(True, "also time generate(compile=True) (the first call compiles for ~10-30 s)")
+    hf: bool = _(True, "compare with Hugging Face transformers (off: table 1 llmlab only)")
+    threads: int = _(0, "torch threads for every run, HF's included (0: torch's default, one per core); on a "
+                        "machine where another process holds a core, use 1")
+    seed: int = _(0, "random seed (weights, prompts)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through llmlab's CLI, never a usage block
+        from llmlab.errors import LlmlabError
+
+        raise LlmlabError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmlab bench decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=SHAPES, default="gpt2",
-                   help="gpt2: 4 layers, d 256, 8 heads, vocab 512; llama: the same with 2 KV heads, "
-                        "RoPE, RMSNorm, SwiGLU; deepseek: DeepSeek-V2 MLA (d_c 128, d_r 16, nope 32, v 32), "
-                        "RoPE, RMSNorm, SwiGLU (default gpt2)")
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--contexts", default="64,256,1024", help="comma-separated context lengths for table 2")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
-    p.add_argument("--decode-steps", type=int, default=DECODE_STEPS,
-                   help=f"cached decode steps timed per context (default {DECODE_STEPS})")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="skip the generate(compile=True) runs (the first compiles for ~10-30 s)")
-    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison (table 1 llmlab only)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads for every run, HF's included (default 0: torch's default, one per core). "
-                        "On a machine where another process holds a core, use 1: OpenMP threads spin-waiting "
-                        "for a busy core slow every op many times over")
-    p.add_argument("--seed", type=int, default=0)
+    from llmlab.settings import add_flags
+
+    p = _Parser(prog="llmlab bench decode", description=__doc__.split("\n\n")[0],
+                argument_default=argparse.SUPPRESS)
+    add_flags(p, BenchArgs)
     return p
 
 
@@ -63,7 +81,9 @@ def _contexts(spec: str) -> list[int]:
     except ValueError:
         values = []
     if not values or min(values) < 1:
-        raise SystemExit(f"error: --contexts must be comma-separated positive integers, got {spec!r}")
+        from llmlab.errors import LlmlabError
+
+        raise LlmlabError(f"--contexts must be comma-separated positive integers, got {spec!r}")
     return values
 
 
@@ -299,10 +319,11 @@ def cache_bytes_entry(name: str, model, max_len: int = 64) -> dict[str, Any]:
     """Measured `bytes_per_token()` of a fresh cache of `model` next to n_layer * (values per
     token per layer, as its attention kind states them) * bytes per element."""
     cfg = model.config
-    cache = model.new_cache(1, min(max_len, model.pos.max_positions or max_len))
+    kind = model.runtime.cache if model.runtime.uses_cache else "dense"  # a recomputing rung's would-be cache
+    cache = model.new_cache(1, min(max_len, model.pos.max_positions or max_len), kind=kind)
     elem = model.tok_emb.weight.element_size()
     attn = lookup("attention", cfg.attention)  # each kind states what it caches per token
-    per_layer = attn.cache_values_per_token(cfg)
+    per_layer = values_per_token(attn.cache_spec(cfg))
     return {"name": name, "attention": cfg.attention, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "values_per_layer": per_layer, "formula_text": attn.cache_formula(cfg),
             "dtype": str(model.tok_emb.weight.dtype), "measured": cache.bytes_per_token(),
@@ -402,7 +423,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "decode":  # `python -m llmlab.bench decode ...` as well as the cli's remainder
         argv = argv[1:]
-    ns = build_parser().parse_args(argv)
+    ns = BenchArgs(**vars(build_parser().parse_args(argv)))
     contexts = _contexts(ns.contexts)
     max_len = max(ns.prompt_len + ns.new_tokens, max(contexts) + ns.decode_steps)
     problem = _check(ns, max_len)
@@ -411,7 +432,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     with _threads(ns.threads), torch.inference_mode():
-        hf, model, shared, note = build_models(ns.shape, max_len, not ns.no_hf, ns.seed)
+        hf, model, shared, note = build_models(ns.shape, max_len, ns.hf, ns.seed)
         print(f"llmlab bench decode: shape {ns.shape}, {N_LAYER} layers, d_model {N_EMBD}, {N_HEAD} heads"
               f"{f' ({LLAMA_KV_HEADS} KV heads)' if ns.shape == 'llama' else ''}"
               f"{' (MLA: d_c 128, d_r 16, nope 32, v 32)' if ns.shape == 'deepseek' else ''}, vocab {VOCAB}, "

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory:
     model.safetensors        weights (a tied head is stored once)
-    config.json              {"model": ModelConfig, "tokenizer": kind, "train": args, "state": {...}}
+    config.json              {"model": ModelConfig, "runtime": Runtime (how it runs by default),
+                              "tokenizer": kind, "train": args, "state": {...}}
     tokenizer.json           the tokenizer (llmlab's own JSON, or an HF `tokenizers` file for BPE)
     train_state.safetensors  optimizer moments + RNG states (only in training checkpoints)
 
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from llmlab import fsutil, memory
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
+from llmlab.runtime import Runtime, legacy_runtime, split_legacy
 from llmlab.model import Transformer
 from llmlab.validate import check_fields
 
@@ -43,7 +45,7 @@ def save_checkpoint(directory: Path, model: Transformer, tokenizer=None, train_a
                     state: Optional[dict] = None, train_tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write one checkpoint directory atomically. `model` must be the plain module (not compiled or
     wrapped), so names carry no `_orig_mod.` / `module.` prefix."""
-    meta = {"format": "llmlab-1", "model": model.config.to_dict(),
+    meta = {"format": "llmlab-1", "model": model.config.to_dict(), "runtime": model.runtime.to_dict(),
             "tokenizer": getattr(tokenizer, "kind", None), "train": train_args or {}, "state": state or {}}
 
     def write(tmp: Path) -> None:
@@ -89,8 +91,11 @@ def read_meta(directory: Path) -> dict:
             raise LlmlabError(f"{where} ('{key}' is not an object); restore it or retrain")
     if meta.get("tokenizer") is not None and not isinstance(meta["tokenizer"], str):
         raise LlmlabError(f"{where} ('tokenizer' is not a name); restore it or retrain")
-    check_fields(ModelConfig, meta["model"], f"{where} (model section)")
-    from llmlab.train import TrainArgs  # here, not at the top: train imports this module
+    model, _ = split_legacy(meta["model"])  # attn_backend / use_cache of earlier versions: runtime now
+    check_fields(ModelConfig, model, f"{where} (model section)")
+    if meta.get("runtime") is not None:
+        check_fields(Runtime, meta["runtime"], f"{where} (runtime section)")
+    from llmlab.training.args import TrainArgs
 
     fields = {f.name for f in dataclasses.fields(TrainArgs)}  # keys of other versions are let through
     check_fields(TrainArgs, {k: v for k, v in meta["train"].items() if k in fields}, f"{where} (train section)")
@@ -103,6 +108,16 @@ def model_config(meta: dict, directory: Path, **overrides: Any) -> ModelConfig:
         return ModelConfig.from_dict(meta["model"]).replace(**overrides)
     except (TypeError, ValueError, OverflowError) as e:
         raise LlmlabError(f"checkpoint {directory} has an invalid model config ({fsutil.one_line(e)})") from None
+
+
+def saved_runtime(meta: dict, directory: Path, changes: Optional[dict] = None) -> Runtime:
+    """The runtime a checkpoint runs with by default (its saved one, or what an earlier version's
+    model fields meant), with `changes`; bad values are one line."""
+    try:
+        saved = Runtime.from_dict(legacy_runtime(meta["model"]) | (meta.get("runtime") or {}))
+        return saved.changed(**(changes or {}))
+    except (TypeError, ValueError) as e:
+        raise LlmlabError(f"checkpoint {directory} has an invalid runtime ({fsutil.one_line(e)})") from None
 
 
 def saved_step(meta: dict, directory: Path) -> int:
@@ -141,18 +156,28 @@ def build_model(config: ModelConfig, where: str, copies: int = 1) -> Transformer
         raise LlmlabError(f"{where}: cannot build the model ({fsutil.one_line(e)})") from None
 
 
-def load(path: Path | str, device: Optional[str] = None, **overrides: Any) -> Transformer:
-    """Load a run or checkpoint directory into a Transformer; `overrides` replace config fields
-    (e.g. attn_backend="manual"). Weights come from safetensors only."""
+def load(path: Path | str, device: Optional[str] = None, runtime: Optional[Runtime | dict] = None,
+         **overrides: Any) -> Transformer:
+    """Load a run or checkpoint directory into a Transformer. It runs with the runtime it was saved
+    with, or `runtime` (a Runtime, or a dict of changes to the saved one, e.g. {"cache": "paged"});
+    `overrides` replace config fields (the earlier names attn_backend / use_cache still work, as
+    runtime changes). Weights come from safetensors only."""
     directory = resolve_checkpoint(path)
     meta = read_meta(directory)
-    model = build_model(model_config(meta, directory, **overrides), f"checkpoint {directory}")
+    overrides, legacy = split_legacy(overrides)
+    config = model_config(meta, directory, **overrides)
+    rt = runtime if isinstance(runtime, Runtime) else saved_runtime(meta, directory, legacy | (runtime or {}))
+    rt.validate(config)
+    model = build_model(config, f"checkpoint {directory}")
+    model.use_runtime(rt)
     load_weights(model, directory)
-    if device is not None:
-        try:
+    try:
+        if device is not None:
             model.to(device)
-        except (RuntimeError, AssertionError, ValueError) as e:  # e.g. out of device memory
-            raise LlmlabError(f"cannot move the model to device {device} ({fsutil.one_line(e)})") from None
+        if rt.dtype is not None:
+            model.to(getattr(torch, rt.dtype))
+    except (RuntimeError, AssertionError, ValueError) as e:  # e.g. out of device memory
+        raise LlmlabError(f"cannot move the model to device {device} ({fsutil.one_line(e)})") from None
     return model.eval()
 
 

@@ -7,11 +7,12 @@ from typing import Any, Optional
 
 from llmlab.errors import LlmlabError
 from llmlab.registry import names
+from llmlab.runtime import LEGACY_FIELDS
 from llmlab.validate import check_fields
 
 # The kinds each of these fields may take are the names registered by the modules in llmlab/model/
 # (llmlab.registry): a later rung adds a module with `@register(...)`, and nothing else lists them.
-KIND_FIELDS = ("attention", "attn_backend", "position", "norm", "mlp")
+KIND_FIELDS = ("attention", "position", "norm", "mlp")
 MLA_FIELDS = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
@@ -30,13 +31,11 @@ class ModelConfig:
     qkv_bias: Optional[bool] = None  # None: = bias (Qwen2 has qkv bias with bias=False)
     tie_embeddings: bool = True
     attention: str = "mha"
-    attn_backend: str = "sdpa"
     position: str = "learned"
     rope_theta: float = 10000.0
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"
-    use_cache: bool = True  # generate()'s default: reuse cached keys/values instead of recomputing
     # Multi-head latent attention (attention="mla", DeepSeek-V2 §2.1); None: derived from head_size.
     kv_lora_rank: Optional[int] = None  # d_c, the latent each token's keys and values are compressed to (4*hd)
     q_lora_rank: Optional[int] = None  # d_c' of the query latent; None: full-rank queries
@@ -114,9 +113,6 @@ class ModelConfig:
         need(self.kv_heads > 0 and self.n_head % self.kv_heads == 0,
              f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads}); "
              "use n_kv_head = n_head (MHA), a divisor of it (GQA) or 1 (MQA)")
-        need(self.attn_backend != "flash_mla" or self.attention == "mla",
-             "attn_backend='flash_mla' is the paged latent-cache kernel of attention='mla' (e.g. preset rope_mla); "
-             f"this config has attention={self.attention!r}")
         if self.attention == "mla":
             self._validate_mla(need)
         else:
@@ -146,7 +142,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """A saved config; fields of earlier versions that are not about the weights are dropped
+        (attn_backend and use_cache moved to llmlab.runtime.Runtime: see its legacy_runtime)."""
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in LEGACY_FIELDS}
         if d.get("extra") == {}:  # written by llmlab before the typed MLA fields replaced `extra`
             d = {k: v for k, v in d.items() if k != "extra"}
         unknown = sorted(set(d) - known)

@@ -104,28 +104,43 @@ def _left_pad(prompts: Prompts, vocab_size: int, device) -> tuple[torch.Tensor, 
     return idx.to(device), pad.to(device)
 
 
+def decode_runtime(model, use_cache: Optional[bool] = None, compile: Optional[bool] = None,
+                   cache: Optional[str] = None):
+    """The model's runtime with generate()'s keyword overrides (`use_cache=False` is cache 'none';
+    `use_cache=True` keeps the runtime's cache kind, or dense where the runtime recomputes)."""
+    changes: dict = {}
+    if cache is not None:
+        changes["cache"] = cache
+    elif use_cache is not None and use_cache != model.runtime.uses_cache:
+        changes["cache"] = "dense" if use_cache else "none"
+    if compile is not None:
+        changes["compile"] = compile
+    rt = model.runtime.changed(**changes)
+    rt.validate(model.config)
+    return rt
+
+
 @torch.no_grad()
 def stream(model, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
            stop_tokens: Sequence[int] = (), use_cache: Optional[bool] = None,
-           compile: bool = False) -> Iterator[torch.Tensor]:
+           compile: Optional[bool] = None, cache: Optional[str] = None) -> Iterator[torch.Tensor]:
     """Yield each step's new tokens (B,). Rows that produced a stop token keep repeating it; the
-    stream ends when every row has stopped or after max_new_tokens steps. compile=True runs the
-    cached one-token step through torch.compile (llmlab.compiled): the first call compiles
-    (seconds), later steps and generations of the same shapes are several times faster."""
+    stream ends when every row has stopped or after max_new_tokens steps. The cache kind and
+    compile default to the model's runtime (llmlab.runtime): basic/flash recompute (as nanoGPT),
+    later rungs cache (dense, or paged for flash_mla); `cache` ('none', 'dense', 'paged') or
+    `use_cache` override it. compile=True runs the cached one-token step through torch.compile
+    (llmlab.compiled): the first call compiles (seconds), later steps and generations of the same
+    shapes are several times faster."""
     _check_args(temperature, top_k, top_p, max_new_tokens, seed)
-    if use_cache is None:  # the rung decides: basic/flash recompute (as nanoGPT), later rungs cache
-        use_cache = compile or model.config.use_cache
-    if compile and not use_cache:
-        raise LlmlabError("compile=True (--compile) compiles the cached decode step; it cannot be combined "
-                           "with use_cache=False (--no-cache)")
+    rt = decode_runtime(model, use_cache, compile, cache)
     device = model.tok_emb.weight.device
     idx, pad = _left_pad(prompts, model.config.vocab_size, device)
     gen = torch.Generator(device=device)
     # no seed: fresh entropy, without reseeding torch's global RNG as torch.seed() would
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     stops = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
-    steps = _cached_logits(model, idx, pad, max_new_tokens, compile) if use_cache else \
+    steps = _cached_logits(model, idx, pad, max_new_tokens, rt.cache, rt.compile) if rt.uses_cache else \
         _recomputed_logits(model, idx, pad)
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
     was_training = model.training
@@ -146,14 +161,14 @@ def stream(model, prompts: Prompts, max_new_tokens: int, temperature: float = 1.
         model.train(was_training)
 
 
-def _cached_logits(model, idx, pad, max_new_tokens, compile: bool = False):
+def _cached_logits(model, idx, pad, max_new_tokens, kind: str = "dense", compile: bool = False):
     """Coroutine: yields last-position logits (B, V); is sent each new token (B,)."""
     b, t0 = idx.shape
     window = model.pos.max_positions  # None: positions never run out
     total = t0 + max_new_tokens
     max_len = total if window is None else min(total, window)
     _check_cache_fits(model, b, max_len)
-    cache = model.new_cache(b, max_len)
+    cache = model.new_cache(b, max_len, kind=kind)
     step = DecodeStep(model, cache, compile)
     # the last max_len tokens (a rolling window once learned positions run out): never the whole
     # output, which a huge max_new_tokens would make huge
@@ -161,12 +176,11 @@ def _cached_logits(model, idx, pad, max_new_tokens, compile: bool = False):
     tokens = torch.empty(b, max_len, dtype=torch.long, device=idx.device)
     tokens[:, :kept] = idx[:, t0 - kept:]
     pad = (pad - (t0 - kept)).clamp_min(0)
-    slots = torch.arange(max_len, device=idx.device)
 
     def prefill(n: int) -> torch.Tensor:
         """Feed tokens[:, :n] into slots 0.. of the cache."""
         cache.set_padding(pad)
-        return model(tokens[:, :n], cache, slots[:n])[:, -1]
+        return model(tokens[:, :n], cache, 0)[:, -1]
 
     n = kept
     logits = prefill(n)
@@ -196,15 +210,16 @@ def _recomputed_logits(model, idx, pad):
 
 def generate(model, idx: Prompts, max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-             stop_tokens: Sequence[int] = (), use_cache: Optional[bool] = None, compile: bool = False):
-    """Continue each prompt by up to max_new_tokens tokens (compile: see `stream`).
+             stop_tokens: Sequence[int] = (), use_cache: Optional[bool] = None, compile: Optional[bool] = None,
+             cache: Optional[str] = None):
+    """Continue each prompt by up to max_new_tokens tokens (cache kind and compile: see `stream`).
 
     idx: a LongTensor (B, T) -> returns (B, T + n); or a list of prompts of different lengths ->
     returns a list of 1-D tensors (prompt + continuation), each equal to generating it alone.
     """
     ragged = not isinstance(idx, torch.Tensor)
     new = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, use_cache,
-                      compile))
+                      compile, cache))
     device = model.tok_emb.weight.device
     out_new = torch.stack(new, dim=1) if new else torch.empty(len(idx), 0, dtype=torch.long, device=device)
     if ragged:

@@ -35,6 +35,7 @@ from llmlab.hf_deepseek import (config_from_deepseek, config_to_deepseek, rope_t
                                 rope_to_half_split)
 from llmlab.hf_deepseek import rows as deepseek_rows
 from llmlab.model import Transformer
+from llmlab.runtime import Runtime, split_legacy
 
 ARCHS = ("gpt2", "llama", "qwen2", "deepseek_v2")
 GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "gelu_python": "gelu"}
@@ -88,7 +89,7 @@ def config_from_hf(c) -> ModelConfig:
             vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
             n_embd=c.n_embd, intermediate_size=c.n_inner if c.n_inner not in (None, 4 * c.n_embd) else None,
             dropout=0.0, bias=True, tie_embeddings=bool(c.tie_word_embeddings), attention="mha",
-            attn_backend="sdpa", position="learned", norm="layernorm", norm_eps=c.layer_norm_epsilon,
+            position="learned", norm="layernorm", norm_eps=c.layer_norm_epsilon,
             mlp=GPT2_ACTS[act])
     if arch == "deepseek_v2":  # MLA + RoPE + RMSNorm + SwiGLU (dense layers only)
         return config_from_deepseek(c, _rope_theta(c))
@@ -112,7 +113,7 @@ def config_from_hf(c) -> ModelConfig:
         n_embd=c.hidden_size, head_dim=None if hd == c.hidden_size // c.num_attention_heads else hd,
         intermediate_size=c.intermediate_size, dropout=0.0, bias=bias,
         qkv_bias=None if qkv_bias == bias else qkv_bias, tie_embeddings=bool(c.tie_word_embeddings),
-        attention="mha", attn_backend="sdpa", position="rope", rope_theta=theta, norm="rmsnorm",
+        attention="mha", position="rope", rope_theta=theta, norm="rmsnorm",
         norm_eps=c.rms_norm_eps, mlp="swiglu")
 
 
@@ -304,7 +305,8 @@ def _load_hf_dir(path: Path):
 
 def from_hf(path_or_model: Union[str, os.PathLike, Any], **overrides: Any) -> Transformer:
     """An llmlab Transformer (fp32, eval mode) from a local HF GPT-2 / Llama / Qwen2 / DeepSeek-V2 directory or an
-    already loaded `*ForCausalLM` model. `overrides` replace config fields (e.g. attn_backend="manual")."""
+    already loaded `*ForCausalLM` model. `overrides` replace config fields (e.g. n_layer=2); the
+    runtime is llmlab's default (sdpa, dense cache): `model.use_runtime(...)` changes it."""
     if isinstance(path_or_model, (str, os.PathLike)):
         hf_model = _load_hf_dir(Path(path_or_model))
     else:
@@ -313,8 +315,9 @@ def from_hf(path_or_model: Union[str, os.PathLike, Any], **overrides: Any) -> Tr
             raise LlmlabError(f"from_hf needs a directory or a transformers model, got {type(hf_model).__name__}")
         if hasattr(hf_model, "get_output_embeddings") and hf_model.get_output_embeddings() is None:
             raise LlmlabError(f"from_hf needs a *ForCausalLM model (with its LM head), got {type(hf_model).__name__}")
+    overrides, legacy = split_legacy(overrides)  # attn_backend= / use_cache= of earlier versions: runtime
     config = config_from_hf(hf_model.config).replace(**overrides)
-    model = Transformer(config)
+    model = Transformer(config, Runtime.from_dict(legacy))
     src = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}
     if hf_model.config.model_type == "deepseek_v2":
         src = rope_to_half_split(src, config)

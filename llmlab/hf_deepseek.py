@@ -41,7 +41,7 @@ def config_from_deepseek(c, rope_theta: float) -> ModelConfig:
         vocab_size=c.vocab_size, block_size=c.max_position_embeddings, n_layer=n_layer,
         n_head=c.num_attention_heads, n_embd=c.hidden_size, intermediate_size=c.intermediate_size,
         dropout=0.0, bias=attn_bias or mlp_bias, qkv_bias=None if attn_bias == (attn_bias or mlp_bias) else attn_bias,
-        tie_embeddings=bool(c.tie_word_embeddings), attention="mla", attn_backend="sdpa", position="rope",
+        tie_embeddings=bool(c.tie_word_embeddings), attention="mla", position="rope",
         rope_theta=rope_theta, norm="rmsnorm", norm_eps=c.rms_norm_eps, mlp="swiglu",
         kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank or None, qk_nope_head_dim=c.qk_nope_head_dim,
         qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim)

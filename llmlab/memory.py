@@ -2,7 +2,7 @@
 or an allocation traceback is the alternative). Sizes come from the model's own parts:
 
 * parameters: counted on a build on the meta device (no memory), exact for every kind of part;
-* cache: each attention kind states what it keeps per token and layer (`cache_values_per_token`);
+* cache: each attention kind states what it keeps per token and layer (`cache_spec`);
 * training activations: an estimate (see `activation_bytes`), enough to catch a typo'd batch size.
 Free memory is MemAvailable (host RAM); on a GPU the guards are skipped (torch's own error is clear).
 """
@@ -46,9 +46,10 @@ def param_bytes(config: ModelConfig, element_size: int = 4) -> int:
 def cache_bytes(config: ModelConfig, batch: int, max_len: int, element_size: int = 4) -> int:
     """Bytes of an inference cache for `batch` rows of `max_len` tokens, from what the config's
     attention kind keeps per token and layer (MLA's latent, GQA's shared heads, ...)."""
+    from llmlab.model.cache import values_per_token
     from llmlab.registry import lookup
 
-    per_token = lookup("attention", config.attention).cache_values_per_token(config)
+    per_token = values_per_token(lookup("attention", config.attention).cache_spec(config))
     return config.n_layer * per_token * batch * max_len * element_size
 
 

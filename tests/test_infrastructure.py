@@ -17,7 +17,7 @@ import torch
 import llmlab
 from llmlab.training import TrainArgs, train
 
-from conftest import tiny
+from conftest import tiny, tiny_model
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, eval_iters=2, sample_tokens=0, quiet=True,
             warmup_iters=2, lr=3e-3)
@@ -90,7 +90,7 @@ def test_evaluation_windows_predict_every_token_once(extra):
     flat_x = torch.cat([x.reshape(-1) for x, _ in batches])
     flat_y = torch.cat([y.reshape(-1) for _, y in batches])
     assert torch.equal(flat_x, torch.as_tensor(ids[:n])) and torch.equal(flat_y, torch.as_tensor(ids[1:n + 1]))
-    model = llmlab.Transformer(tiny(vocab_size=50, block_size=block)).eval()
+    model = tiny_model(vocab_size=50, block_size=block).eval()
     with torch.no_grad():
         want = sum(model.loss(x, y).item() * y.numel() for x, y in batches) / n
     assert mean_loss(model, batches) == pytest.approx(want, rel=1e-6)
@@ -99,7 +99,7 @@ def test_evaluation_windows_predict_every_token_once(extra):
 def test_ragged_batch_whose_window_rolls_equals_each_prompt_alone():
     """Learned positions end at block_size 32: a 30-token and a 5-token prompt each get 12 tokens,
     so both windows roll; each row equals generating that prompt alone."""
-    model = llmlab.Transformer(tiny(preset="kv_cache")).eval()
+    model = tiny_model(preset="kv_cache").eval()
     prompts = [list(range(1, 31)), [3, 1, 4, 1, 5]]
     batched = llmlab.generate(model, prompts, 12, temperature=0)
     for p, row in zip(prompts, batched):
@@ -170,7 +170,45 @@ def test_bench_no_cache_rate_divides_its_own_step_count(monkeypatch):
 
     ticks = iter(range(10**6))
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
-    model = llmlab.Transformer(tiny(preset="kv_cache")).eval()
+    model = tiny_model(preset="kv_cache").eval()
     variants = bench.bench_variants(decode_steps=7, compile=False)
     got = bench.measure_contexts(model, [4], repeats=1, variants=variants, seed=0)[0]["decode_tokens_per_s"]
     assert got == {"cache": 7.0, "no cache": float(bench.UNCACHED_STEPS)}
+
+
+def test_a_non_finite_step_leaves_weights_and_optimizer_untouched():
+    from llmlab.training.step import StepConfig, TrainStep, make_optimizer
+
+    model = llmlab.Transformer(tiny()).train()
+    opt = make_optimizer(model, 0.1, (0.9, 0.99), 1e-2)
+    x = torch.randint(0, 97, (2, 8))
+    step = TrainStep(model, opt, StepConfig(), loss_fn=lambda a, b: model.loss(a, b) * float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert step(lambda: (x, x), 1e-2) != step(lambda: (x, x), 1e-2)  # NaN
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not opt.state and all(p.grad is None for p in model.parameters())
+
+
+def test_metrics_after_a_crash_and_resume_hold_each_step_once(tmp_path, monkeypatch):
+    """Killed after step 4's train line (its checkpoint is step 3's): the resumed log equals the
+    uninterrupted one line for line (the crashed run's step-3 and step-4 lines are dropped and redone)."""
+    from llmlab.training import checkpoints
+
+    common = dict(TINY, batch_size=4, max_iters=6, eval_interval=3)
+    train(TrainArgs(out=str(tmp_path / "ref"), **common))
+    real = checkpoints.MetricsLog.write
+
+    def crash_after_step_4(self, **rec):
+        real(self, **rec)
+        if rec.get("step") == 4 and "loss" in rec:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.MetricsLog, "write", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainArgs(out=str(tmp_path / "run"), **common))
+    monkeypatch.setattr(checkpoints.MetricsLog, "write", real)
+    train(TrainArgs(out=str(tmp_path / "run"), resume=True))
+
+    def lines(run):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records(run) if "resumed_at" not in r]
+    assert lines(tmp_path / "run") == lines(tmp_path / "ref")

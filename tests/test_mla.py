@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import tiny, tiny_model
 from llmlab import LlmlabError, Transformer, generate
 from llmlab.model.mla import MultiHeadLatentAttention
 
@@ -15,7 +15,7 @@ MLA_PRESETS = ["naive_mla", "rope_mla"]
 def mla(preset="rope_mla", **kw) -> Transformer:
     sizes = dict(block_size=128, n_embd=48, n_head=4)  # head 12: d_c 48, d_r 6, nope 12, v 12
     sizes.update(kw)
-    m = Transformer(tiny(preset=preset, **sizes)).eval()
+    m = tiny_model(preset=preset, **sizes).eval()
     with torch.no_grad():  # larger than the init, so that a slip shows in the logits
         for name, p in m.named_parameters():
             if p.dim() > 1:
@@ -114,7 +114,7 @@ def test_latent_cache_bytes_per_token(preset, rope, q_lora_rank):
     c = model.config
     assert (c.latent_dim, c.rope_head_dim) == (4 * 12, rope)
     cache = model.new_cache(3, 40)
-    assert tuple(cache.layers[0].kv.shape) == (3, 40, c.latent_dim + rope)
+    assert list(cache.pools[0]) == ["kv"] and tuple(cache.pools[0]["kv"].shape) == (3, 40, c.latent_dim + rope)
     assert cache.bytes_per_token() == (c.latent_dim + rope) * c.n_layer * 4  # fp32, whatever n_head
     assert cache.bytes_per_token() < 2 * c.n_layer * c.n_head * c.head_size * 4  # below MHA's
 
@@ -134,7 +134,7 @@ def test_mla_config_errors_are_clear(bad, match):
 @pytest.mark.parametrize("preset", MLA_PRESETS)
 def test_a_few_training_steps_lower_the_loss(preset):
     torch.manual_seed(0)
-    model = Transformer(tiny(preset=preset)).train()
+    model = tiny_model(preset=preset).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = torch.randint(0, 97, (4, 32))
     losses = []

@@ -14,7 +14,7 @@ from llmlab.checkpoint import save_checkpoint
 from llmlab.cli import main
 from llmlab.tokenizer import ByteTokenizer, CharTokenizer
 
-from conftest import tiny
+from conftest import tiny, tiny_model
 
 
 def one_error_line(capsys, argv, *words) -> str:
@@ -31,7 +31,7 @@ def one_error_line(capsys, argv, *words) -> str:
 def run(tmp_path):
     """A tiny byte-level run (random weights) with a metrics file."""
     d = tmp_path / "run"
-    save_checkpoint(d / "last", llmlab.Transformer(tiny(vocab_size=256, block_size=16)).eval(), ByteTokenizer())
+    save_checkpoint(d / "last", tiny_model(vocab_size=256, block_size=16).eval(), ByteTokenizer())
     (d / "metrics.jsonl").write_text('{"step": 0, "loss": 5.5}\n{"step": 0, "val_loss": 5.6, "train_loss": 5.5}\n')
     return d
 
@@ -109,7 +109,7 @@ def test_bad_sampling_values(capsys, run, flags, words):
 
 def test_cache_too_large_for_memory(capsys, tmp_path):
     d = tmp_path / "rope"
-    save_checkpoint(d / "last", llmlab.Transformer(tiny(preset="rope", vocab_size=256)).eval(), ByteTokenizer())
+    save_checkpoint(d / "last", tiny_model(preset="rope", vocab_size=256).eval(), ByteTokenizer())
     one_error_line(capsys, ["sample", d, "--max-new-tokens", str(10**12)], "memory")
 
 

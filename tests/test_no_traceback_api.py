@@ -17,7 +17,7 @@ import llmlab
 from llmlab import LlmlabError
 from llmlab.cli import main
 
-from conftest import tiny
+from conftest import tiny, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_model_config_values_of_the_wrong_type_or_range(field, value):
 
 @pytest.fixture(scope="module")
 def model():
-    return llmlab.Transformer(tiny(preset="kv_cache")).eval()
+    return tiny_model(preset="kv_cache").eval()
 
 
 @pytest.mark.parametrize("prompts, words", [
@@ -96,7 +96,7 @@ def run(tmp_path_factory):
     from llmlab.tokenizer import ByteTokenizer
 
     d = tmp_path_factory.mktemp("run") / "run"
-    save_checkpoint(d / "last", llmlab.Transformer(tiny(vocab_size=256, block_size=16)).eval(), ByteTokenizer())
+    save_checkpoint(d / "last", tiny_model(vocab_size=256, block_size=16).eval(), ByteTokenizer())
     return d
 
 

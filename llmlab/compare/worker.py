@@ -68,10 +68,12 @@ def decode_variants(model, steps: int, compile: bool) -> tuple[str, dict[str, tu
     """(the rung's own decode path, variants for bench.measure_contexts). Each rung decodes as it
     ships (stream()'s default: basic/flash recompute, later rungs cache); the compiled step
     applies only to a cache torch.compile can fuse (a paged cache decodes through its own kernel)."""
-    paged = getattr(model.blocks[0].attn, "paged", False)
-    path = "paged kernel" if paged else ("cache" if model.config.use_cache else "recompute")
+    rt = model.runtime
+    path = {"none": "recompute", "dense": "cache", "paged": "paged cache"}[rt.cache]
+    if rt.attention == "flash_mla":
+        path = "paged kernel"
     variants = {"decode": ({}, steps)}
-    if compile and model.config.use_cache and not paged:
+    if compile and rt.uses_cache:
         variants["compiled"] = ({"compile": True}, steps)
     return path, variants
 
@@ -103,7 +105,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         model.eval()
         ctx = measure_contexts(model, m["contexts"], m["repeats"], variants, spec["seed"])
-        cache = cache_bytes_entry(spec["preset"], model, model.config.block_size) if model.config.use_cache else None
+        cache = cache_bytes_entry(spec["preset"], model, model.config.block_size) if model.runtime.uses_cache else None
     return {
         "preset": spec["preset"], "status": "ok", "settings": spec["settings"],
         "params": model.num_params(), "val_loss": curve[-1][1] if curve else None,

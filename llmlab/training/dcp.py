@@ -226,6 +226,7 @@ def to_single(directory: Path, out: Path) -> Path:
                           "pass the last/ directory of a run trained with --parallel")
     meta = ckpt.read_meta(directory)
     model = ckpt.build_model(ckpt.model_config(meta, directory), f"checkpoint {directory}")
+    model.use_runtime(ckpt.saved_runtime(meta, directory))
     load_full_model(directory, model)
     tokenizer = load_tokenizer(directory) if meta.get("tokenizer") else None
     state = {k: v for k, v in meta.get("state", {}).items() if k != "optimizer"}
@@ -242,7 +243,7 @@ def gather_to_single(out: Path, model, config, tokenizer, train_args: dict, stat
         from llmlab.model import Transformer
 
         with torch.random.fork_rng(devices=[]):  # rank 0's RNG must stay in step with the others'
-            plain = Transformer(config)
+            plain = Transformer(config, model.runtime)
         plain.load_state_dict(full)
         ckpt.save_checkpoint(Path(out), plain, tokenizer, train_args, state)
     ranks.barrier()

@@ -18,7 +18,7 @@ from llmlab import checkpoint as ckpt, memory
 from llmlab.data import BatchSampler, encode_corpus, load_text, split_ids
 from llmlab.errors import LlmlabError, one_line
 from llmlab.fsutil import check_out_path
-from llmlab.presets import preset_config
+from llmlab.presets import preset_config, preset_runtime
 from llmlab.tokenizer import build_tokenizer, load_tokenizer
 from llmlab.training import checkpoints, parallel
 from llmlab.training.args import TrainArgs
@@ -38,7 +38,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def prepare(plan: RunPlan):
-    """Tokenizer, train/val ids, model config and the data's sha256: fresh, or the resumed run's.
+    """Tokenizer, train/val ids, model config, runtime and the data's sha256: fresh, or the resumed run's.
     A resumed run's data must be what it was trained on."""
     a = plan.args
     last = plan.out / "last"
@@ -52,13 +52,14 @@ def prepare(plan: RunPlan):
                               f"{str(saved)[:12]}...); a resumed run continues on its own data: pass that, or "
                               "start a new run")
         tokenizer = load_tokenizer(last)
-        config = ckpt.model_config(meta, last)
+        config, runtime = ckpt.model_config(meta, last), ckpt.saved_runtime(meta, last)
     else:
         tokenizer = build_tokenizer(a.tokenizer, text, a.vocab_size)
     train_ids, val_ids = split_ids(encode_corpus(text, tokenizer))
     if not plan.resume:
         config = preset_config(a.preset, vocab_size=tokenizer.vocab_size, **a.model_overrides())
-    return tokenizer, train_ids, val_ids, config, digest
+        runtime = preset_runtime(a.preset)
+    return tokenizer, train_ids, val_ids, config, runtime, digest
 
 
 def train(a: Union[TrainArgs, RunPlan], given: Optional[Iterable[str]] = None) -> dict[str, Any]:
@@ -102,13 +103,14 @@ def train(a: Union[TrainArgs, RunPlan], given: Optional[Iterable[str]] = None) -
 
 def _train(plan: RunPlan, ranks: parallel.Ranks, device: str) -> dict[str, Any]:
     a, out = plan.args, plan.out
-    tokenizer, train_ids, val_ids, config, data_sha = prepare(plan)
+    tokenizer, train_ids, val_ids, config, runtime, data_sha = prepare(plan)
     step_cfg = StepConfig.of(a, device)
     step_cfg.check(config)
     memory.check_fits(memory.activation_bytes(config, a.batch_size), f"training on batches of {a.batch_size} x "
                       f"{config.block_size} tokens", "use a smaller --batch-size (--grad-accum keeps the "
                       "global batch)", device)
-    built = parallel.build(config, a.parallel, device, ranks, a.seed, a.activation_checkpointing, a.compile)
+    built = parallel.build(config, a.parallel, device, ranks, a.seed, a.activation_checkpointing, a.compile,
+                           runtime)
     model = built.model
     opt = make_optimizer(model, a.weight_decay, (a.beta1, a.beta2), a.lr)
     # One sampler state for the run: each draws the step's global batch, each rank takes its rows.
