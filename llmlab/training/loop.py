@@ -22,6 +22,7 @@ from llmlab.presets import preset_config
 from llmlab.tokenizer import build_tokenizer, load_tokenizer
 from llmlab.training import checkpoints, parallel
 from llmlab.training.args import MODEL_FLAGS, TrainArgs
+from llmlab.training.balance import describe
 from llmlab.training.device import pick_device, use_bf16
 from llmlab.training.evaluate import mean_loss, sampled_batches
 from llmlab.training.rundir import RunLock, recover
@@ -164,7 +165,7 @@ def _train(a: TrainArgs, out: Path, ranks: parallel.Ranks, device: str) -> dict[
     bar = tqdm(total=a.max_iters, initial=step, disable=quiet, dynamic_ncols=True, unit="it")
     val_loss = None
     first_resumed = a.resume
-    train_step = TrainStep(model, opt, step_cfg, built.loss_fn, built.sync, ranks.mean)
+    train_step = TrainStep(model, opt, step_cfg, built.loss_fn, built.sync, ranks.mean, ranks.sum)
     try:
         while True:
             if step % a.eval_interval == 0 or step == a.max_iters:
@@ -176,7 +177,8 @@ def _train(a: TrainArgs, out: Path, ranks: parallel.Ranks, device: str) -> dict[
                     _check_finite(val_loss, step, out, "val loss")
                     metrics.write(step=step, val_loss=val_loss, train_loss=losses["train"],
                                   perplexity=math.exp(min(val_loss, 50)))
-                    log(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
+                    log(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}"
+                        + describe(train_step.stats))  # MoE: expert load of the last step
                     best_val = checkpoints.save(out, model, opt, train_batches, tokenizer, train_args, step,
                                                 val_loss, best_val, ranks)
                 first_resumed = False
@@ -187,7 +189,7 @@ def _train(a: TrainArgs, out: Path, ranks: parallel.Ranks, device: str) -> dict[
             loss = train_step(train_batches.next, lr)  # the mean over the ranks
             _check_finite(loss, step, out, "training loss")
             dt = time.perf_counter() - t0
-            metrics.write(step=step, loss=loss, lr=lr, tokens_per_s=tokens_per_step / dt)
+            metrics.write(step=step, loss=loss, lr=lr, tokens_per_s=tokens_per_step / dt, **train_step.stats)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
             bar.update(1)
             step += 1
