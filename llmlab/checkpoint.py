@@ -124,10 +124,14 @@ def param_bytes(config: ModelConfig) -> int:
     biases and norms are left out, they are tiny)."""
     d, hd = config.n_embd, config.head_size
     attn = d * (config.n_head + 2 * config.kv_heads) * hd + config.n_head * hd * d
-    mlp = (3 if config.mlp == "swiglu" else 2) * d * config.ffn_size
+    mlp = (3 if config.mlp in ("swiglu", "moe") else 2) * d * config.ffn_size
+    mlps = config.n_layer * mlp
+    if config.mlp == "moe":  # its MoE layers: routed + shared experts of 3 d x expert_size matrices, and the router
+        experts = 3 * d * config.expert_size * (config.routed_experts + config.shared_experts) + config.routed_experts * d
+        mlps = config.dense_layers * mlp + (config.n_layer - config.dense_layers) * experts
     emb = config.vocab_size * d * (1 if config.tie_embeddings else 2)
     pos = config.block_size * d if config.position == "learned" else 0
-    return 4 * (config.n_layer * (attn + mlp) + emb + pos)
+    return 4 * (config.n_layer * attn + mlps + emb + pos)
 
 
 def build_model(config: ModelConfig, where: str, copies: int = 1) -> Transformer:

@@ -227,3 +227,19 @@ def test_bad_moe_settings_are_one_line(kw, match):
 def test_moe_fields_on_a_dense_model_are_refused():
     with pytest.raises(LlmlabError, match="n_routed_experts, first_k_dense_replace apply to mlp='moe' only"):
         ModelConfig(mlp="swiglu", n_routed_experts=4, first_k_dense_replace=1)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager():
+    """generate(compile=True) runs the MoE one-token step through inductor (the loop op inside the
+    graph): same greedy tokens as eager. A compile failure would warn (here: an error)."""
+    import warnings
+
+    from llmlab import generate
+
+    torch.manual_seed(0)
+    model = Transformer(preset_config("deepseek", vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
+    idx = torch.randint(40, (2, 5), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert torch.equal(generate(model, idx, 12, temperature=0, compile=True), generate(model, idx, 12, temperature=0))

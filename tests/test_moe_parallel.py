@@ -33,3 +33,18 @@ def test_two_ranks_train_moe_like_one_process(tmp_path, references, parallel, pr
     assert biases and any(want[k].abs().sum() > 0 for k in biases)
     for k in biases:  # the update is +-gamma: equal loads give exactly equal biases
         assert torch.equal(got[k], want[k]), k
+
+
+def test_activation_checkpointing_counts_every_layer_twice_and_changes_nothing(tmp_path, references):
+    """Recomputing blocks in backward reruns each MoE forward, so every load is recorded twice: a
+    uniform factor, which leaves the bias update (a sign) and max/mean as they were."""
+    from llmlab.training import TrainArgs, train
+
+    run = tmp_path / "run"
+    train(TrainArgs(**{**MOE, "preset": "moe", "batch_size": 8, "parallel": "fsdp", "activation_checkpointing": True,
+                       "out": str(run)}))
+    ref = references[("moe", 0.0)]
+    assert_same_losses(ref, run)
+    assert losses(run, "expert_load") == losses(ref, "expert_load")
+    got, want = (load_file(str(r / "best" / "model.safetensors")) for r in (run, ref))
+    assert all(torch.equal(got[k], want[k]) for k in want if k.endswith("router.bias"))

@@ -23,13 +23,14 @@ IMPLS = ("auto", "grouped", "loop")
 
 @torch.library.custom_op("llmlab::expert_mm_loop", mutates_args=())
 def expert_mm_loop(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
-    """Reference grouped matmul: one matmul per expert on its contiguous rows."""
-    out = x.new_zeros(x.shape[0], w.shape[2])
+    """Reference grouped matmul: one matmul per expert on its contiguous rows, written in place."""
+    out = x.new_empty(x.shape[0], w.shape[2])
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
-            out[start:end] = x[start:end] @ w[e]
+            torch.mm(x[start:end], w[e], out=out[start:end])
         start = end
+    out[start:].zero_()  # rows past the last expert's (none when every row is assigned)
     return out
 
 
@@ -41,11 +42,13 @@ def _(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
 @torch.library.custom_op("llmlab::expert_mm_loop_wgrad", mutates_args=())
 def expert_mm_loop_wgrad(x: Tensor, grad: Tensor, offs: Tensor) -> Tensor:
     """d(loss)/dw of expert_mm_loop: w[e]'s gradient is x_e^T @ grad_e over its rows (zero if none)."""
-    out = x.new_zeros(offs.shape[0], x.shape[1], grad.shape[1])
+    out = x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
-            out[e] = x[start:end].t() @ grad[start:end]
+            torch.mm(x[start:end].t(), grad[start:end], out=out[e])
+        else:
+            out[e].zero_()
         start = end
     return out
 
@@ -80,7 +83,10 @@ def grouped_mm_fits(x: Tensor, w: Tensor) -> bool:
 
 def expert_matmul(x: Tensor, w: Tensor, offs: Tensor, impl: str = "auto") -> Tensor:
     """x (M, D) rows sorted by expert, w (E, D, H), offs (E,) int32 cumulative row counts -> (M, H).
-    Under autocast both operands are cast to its dtype first, as torch does for a plain matmul."""
+    Under autocast both operands are cast to its dtype first, as torch does for a plain matmul.
+    impl: "auto" (grouped kernel where it fits, else the loop), "grouped" or "loop"."""
+    if impl not in IMPLS:
+        raise ValueError(f"expert matmul impl must be one of {IMPLS}, got {impl!r}")
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
