@@ -48,3 +48,18 @@ def test_activation_checkpointing_counts_every_layer_twice_and_changes_nothing(t
     assert losses(run, "expert_load") == losses(ref, "expert_load")
     got, want = (load_file(str(r / "best" / "model.safetensors")) for r in (run, ref))
     assert all(torch.equal(got[k], want[k]) for k in want if k.endswith("router.bias"))
+
+
+def test_sharded_checkpoint_restores_the_bias(tmp_path, references):
+    """A --parallel run stopped at step 3 and resumed from its sharded last/ (the bias is a buffer in
+    the DCP state) follows the uninterrupted one-process run."""
+    from llmlab.training import TrainArgs, train
+
+    run = tmp_path / "run"
+    kw = {**MOE, "preset": "moe", "batch_size": 8, "parallel": "fsdp", "out": str(run), "lr_decay_iters": 6}
+    train(TrainArgs(**{**kw, "max_iters": 3}))
+    train(TrainArgs(**{**kw, "resume": True}))
+    ref = references[("moe", 0.0)]
+    assert_same_losses(ref, run)
+    got, want = (load_file(str(r / "best" / "model.safetensors")) for r in (run, ref))
+    assert all(torch.equal(got[k], want[k]) for k in want if k.endswith("router.bias"))

@@ -38,9 +38,11 @@ class ExpertBalance:
         return self.aux_weight * sum(m.balance_loss for m in self.layers)
 
     def discard(self) -> None:
-        """Forget the loads recorded since the last step (a step whose update was skipped)."""
+        """Forget what the forwards since the last step recorded: loads, and the balance losses
+        (which would otherwise keep their autograd graphs, and the activations in them, alive)."""
         for m in self.layers:
             m.load_log.clear()
+            m.balance_loss = None
 
     @torch.no_grad()
     def step(self) -> dict[str, list[float]]:
