@@ -67,6 +67,30 @@ def _contexts(spec: str) -> list[int]:
     return values
 
 
+MAX_LEN = 32768  # the benchmark's caches and position tables grow with it: past this it is a typo
+MAX_REPEATS = 100
+
+
+def _check(ns, max_len: int) -> Optional[str]:
+    """The first flag out of range, as one line (or None)."""
+    import os
+
+    for flag in ("prompt_len", "new_tokens", "repeats", "decode_steps"):
+        if getattr(ns, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be >= 1"
+    cores = os.cpu_count() or 1
+    if not 0 <= ns.threads <= 4 * cores:  # far more OpenMP threads than cores crash torch
+        return f"--threads must be in [0, {4 * cores}] (0: torch's default; this machine has {cores} cores)"
+    if not 0 <= ns.seed < 2**63:
+        return f"--seed must be in [0, 2^63), got {ns.seed}"
+    if ns.repeats > MAX_REPEATS:
+        return f"--repeats must be at most {MAX_REPEATS}"
+    if max_len > MAX_LEN:
+        return (f"--prompt-len + --new-tokens and the longest context + --decode-steps must stay within "
+                f"{MAX_LEN:,} tokens (got {max_len:,})")
+    return None
+
+
 # ---- models ---------------------------------------------------------------------------------------
 def _hf_model(shape: str, max_len: int):
     import transformers
@@ -379,12 +403,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] == "decode":  # `python -m llmlab.bench decode ...` as well as the cli's remainder
         argv = argv[1:]
     ns = build_parser().parse_args(argv)
-    for flag in ("prompt_len", "new_tokens", "repeats", "decode_steps"):
-        if getattr(ns, flag) < 1:
-            print(f"error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
     contexts = _contexts(ns.contexts)
     max_len = max(ns.prompt_len + ns.new_tokens, max(contexts) + ns.decode_steps)
+    problem = _check(ns, max_len)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     with _threads(ns.threads), torch.inference_mode():
         hf, model, shared, note = build_models(ns.shape, max_len, not ns.no_hf, ns.seed)

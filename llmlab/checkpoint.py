@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from llmlab import fsutil
+from llmlab import fsutil, memory
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
 from llmlab.model import Transformer
@@ -105,43 +105,36 @@ def model_config(meta: dict, directory: Path, **overrides: Any) -> ModelConfig:
         raise LlmlabError(f"checkpoint {directory} has an invalid model config ({fsutil.one_line(e)})") from None
 
 
-def _free_memory_bytes() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+def saved_step(meta: dict, directory: Path) -> int:
+    """The step a checked meta (read_meta) was saved at; a hand-edited one is one clear line."""
+    step = meta["state"].get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise LlmlabError(f"checkpoint {directory} has a corrupt config.json (state.step {step!r} is not a step "
+                          "number); restore it or retrain")
+    return step
 
 
-def param_bytes(config: ModelConfig) -> int:
-    """fp32 bytes of a model's parameters, from its config alone (an upper-bound-ish estimate:
-    biases and norms are left out, they are tiny)."""
-    d, hd = config.n_embd, config.head_size
-    attn = d * (config.n_head + 2 * config.kv_heads) * hd + config.n_head * hd * d
-    mlp = (3 if config.mlp in ("swiglu", "moe") else 2) * d * config.ffn_size
-    mlps = config.n_layer * mlp
-    if config.mlp == "moe":  # its MoE layers: routed + shared experts of 3 d x expert_size matrices, and the router
-        experts = 3 * d * config.expert_size * (config.routed_experts + config.shared_experts) + config.routed_experts * d
-        mlps = config.dense_layers * mlp + (config.n_layer - config.dense_layers) * experts
-    emb = config.vocab_size * d * (1 if config.tie_embeddings else 2)
-    pos = config.block_size * d if config.position == "learned" else 0
-    return 4 * (config.n_layer * attn + mlps + emb + pos)
+def check_train_state(meta: dict, directory: Path, sharded: bool) -> None:
+    """The state a resume reads from config.json: a step, the best val loss and (single-process
+    checkpoints) the optimizer's param groups, each of its type, or one line."""
+    state = meta["state"]
+    saved_step(meta, directory)
+    best = state.get("best_val_loss")
+    groups = (state.get("optimizer") or {}).get("param_groups") if isinstance(state.get("optimizer"), dict) else None
+    problem = ("state.best_val_loss is not a number" if isinstance(best, bool) or not isinstance(best, (int, float))
+               else "state.optimizer.param_groups is missing" if not sharded and not isinstance(groups, list)
+               else None)
+    if problem:
+        raise LlmlabError(f"checkpoint {directory} has a corrupt config.json ({problem}); it cannot be resumed: "
+                          "restore it, or start a new run")
 
 
 def build_model(config: ModelConfig, where: str, copies: int = 1) -> Transformer:
     """Transformer(config), refusing one whose `copies` of the weights (training: 4, with gradients
     and AdamW's two moments) cannot fit in memory, before allocating it."""
-    need, free = copies * param_bytes(config), _free_memory_bytes()
-    if free is not None and need > free:
-        what = "for its weights" if copies == 1 else f"for {copies} copies of its weights (weights, gradients, AdamW)"
-        raise LlmlabError(f"{where}: the model needs about {need / 2**30:.1f} GiB {what} but only "
-                          f"{free / 2**30:.1f} GiB of memory is free; use a machine with more memory")
+    what = "for its weights" if copies == 1 else f"for {copies} copies of its weights (weights, gradients, AdamW)"
+    memory.check_fits(copies * memory.param_bytes(config), f"{where}: the model {what}",
+                      "use a machine with more memory")
     try:
         return Transformer(config)
     except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's "can't allocate memory"

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="evaluate on this data's validation split instead")
     p.add_argument("--max-tokens", type=int, default=200_000, help="evaluate at most this many tokens")
     p.add_argument("--device", default="auto")
-    p = sub.add_parser("convert", help="to / from Hugging Face transformers (GPT-2, Llama, Qwen2); "
+    p = sub.add_parser("convert", help="to / from Hugging Face transformers (GPT-2, Llama, Qwen2, DeepSeek-V2); "
                                        "a sharded (--parallel) checkpoint to a single one")
     p.add_argument("run_dir", nargs="?", help="llmlab run to export (with --to-hf), or a sharded checkpoint "
                                               "(RUN/last of a --parallel run, with --out)")
@@ -136,36 +136,30 @@ def _read_toml(path: str) -> dict[str, Any]:
     return values
 
 
+def _given_settings(ns: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave: the TOML file's, then the flags' (flags win)."""
+    values = _read_toml(ns.config) if getattr(ns, "config", None) else {}
+    values.update({k: v for k, v in vars(ns).items() if k not in ("command", "config")})
+    return values
+
+
 def train_args(ns: argparse.Namespace):
-    """TrainArgs from the parsed flags over the TOML file over (with --resume) the run's saved
-    settings over the defaults."""
+    """TrainArgs from the flags over the TOML file over the defaults (a resume's saved settings
+    come in at plan_run, under what was given)."""
     from llmlab.training import TrainArgs
 
-    given = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
-    values = _read_toml(ns.config) if getattr(ns, "config", None) else {}
-    values.update(given)
-    if values.get("resume") and values.get("out"):
-        # continue with the run's own settings (data, tokenizer, schedule...); flags given now win
-        from llmlab.checkpoint import read_meta
-
-        for last in (Path(values["out"]) / "last", Path(values["out"]) / ".last.old"):  # .old: train() repairs
-            if (last / "config.json").is_file():
-                values = {**read_meta(last).get("train", {}), **values}
-                break
-    known = {f.name for f in dataclasses.fields(TrainArgs)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise LlmlabError(f"unknown training setting(s) in config: {', '.join(unknown)}")
-    return TrainArgs(**values)
+    return TrainArgs(**_given_settings(ns))
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from llmlab.training import train
+    from llmlab.training import TrainArgs, train
 
-    summary = train(train_args(ns))
+    given = _given_settings(ns)
+    summary = train(TrainArgs(**given), given=given)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return 0
-    print(f"trained to step {summary['step']}: val loss {summary['val_loss']:.4f} "
+    val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
+    print(f"trained to step {summary['step']}: val loss {val} "
           f"(best {summary['best_val_loss']:.4f}), {summary['params'] / 1e6:.2f}M params -> {summary['out']}")
     if "sample" in summary:
         print("--- sample ---")
@@ -224,7 +218,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from llmlab.training.evaluate import consecutive_windows, mean_loss
 
     model, tok = _load_run(ns.run_dir, ns.device)
-    data = ns.data or read_meta(resolve_checkpoint(ns.run_dir))["train"].get("data")
+    meta = read_meta(resolve_checkpoint(ns.run_dir))
+    data = ns.data if ns.data is not None else meta["train"].get("data")
+    if ns.data is None and data not in (None, "shakespeare") and not Path(data).exists():
+        sha = meta["state"].get("data_sha256")
+        raise LlmlabError(f"this run was trained on {data}{f' (sha256 {sha})' if sha else ''}, which is missing; "
+                          "pass --data PATH to evaluate on a copy of it (or on other text)")
     name, text = load_text(data)
     _, val = split_ids(encode_corpus(text, tok))
     blk = model.config.block_size
@@ -237,10 +236,15 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_convert(ns: argparse.Namespace) -> int:
+    from llmlab.fsutil import check_out_path
     from llmlab.training.dcp import is_sharded, to_single
 
+    if ns.to_hf and ns.out:
+        raise LlmlabError("--to-hf DIR is where the export goes; --out does not apply to it: drop one of them")
     if ns.run_dir and ns.out and not ns.to_hf and not ns.from_hf and is_sharded(Path(ns.run_dir)):
-        to_single(Path(ns.run_dir), Path(ns.out))
+        # the single-process rules: never into a run, a checkpoint, a non-empty folder or over a file
+        out = check_out_path(ns.out, "--out", directory=True)
+        to_single(Path(ns.run_dir), out)
         print(f"converted {ns.run_dir} -> {ns.out} (a single safetensors checkpoint)")
         return 0
     try:
@@ -313,6 +317,16 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert
             "compare": cmd_compare}
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so Python's final flush at exit cannot fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (pytest's capture): nothing to flush
+        pass
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         if argv is not None and any("\0" in str(a) for a in argv):  # no OS path may hold one
@@ -322,7 +336,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             from llmlab.threads import use_free_cores
 
             use_free_cores()  # one torch thread per core no other process holds (why: llmlab/threads.py)
-        return COMMANDS[ns.command](ns)
+        code = COMMANDS[ns.command](ns)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, inside the handlers below
+        return code
+    except BrokenPipeError:  # `llmlab sample ... | head -c 1`: the reader has what it wanted
+        _silence_stdout()
+        return 0
+    except OSError as e:  # an unexpected I/O failure (`> /dev/full`): one line, never a traceback
+        _silence_stdout()
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     except LlmlabError as e:  # one line, whatever the message holds (a path with a newline, ...)
         from llmlab.training.loop import RankError
 
@@ -331,8 +354,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             msg = one_line(e, limit=2000)
             print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training says where it stopped and how to continue
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from llmlab.errors import LlmlabError
 from llmlab.registry import names
+from llmlab.validate import check_fields
 
 # The kinds each of these fields may take are the names registered by the modules in llmlab/model/
 # (llmlab.registry): a later rung adds a module with `@register(...)`, and nothing else lists them.
@@ -151,12 +152,19 @@ class ModelConfig:
             if not cond:
                 raise LlmlabError(msg)
 
+        # types first (a bool or 64.5 where an int is meant, a string, NaN/inf): one line, not a traceback later
+        check_fields(ModelConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "model config")
         for name in KIND_FIELDS:
             value, kinds = getattr(self, name), names(name)
             need(value in kinds, f"unknown {name} {value!r}; choose one of: {', '.join(kinds)}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            need(int(getattr(self, name)) > 0, f"{name} must be a positive integer, got {getattr(self, name)}")
+            need(getattr(self, name) > 0, f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("n_kv_head", "head_dim", "intermediate_size"):
+            need(getattr(self, name) is None or getattr(self, name) > 0,
+                 f"{name} must be a positive integer (or unset), got {getattr(self, name)}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.rope_theta > 0, f"rope_theta must be a finite number > 0, got {self.rope_theta}")
+        need(self.norm_eps >= 0, f"norm_eps must be a finite number >= 0, got {self.norm_eps}")
         if self.head_dim is None:
             need(self.n_embd % self.n_head == 0,
                  f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -196,21 +204,17 @@ class ModelConfig:
             given = [f for f in MOE_FIELDS if getattr(self, f) is not None]
             need(not given, f"{', '.join(given)} apply to mlp='moe' only (this config has mlp={self.mlp!r})")
             return
+        # types were checked first (check_fields: a bool or 2.0 where a count is meant is one line); ranges here
         for name, low in (("n_routed_experts", 1), ("n_shared_experts", 0), ("num_experts_per_tok", 1),
                           ("moe_intermediate_size", 1), ("n_group", 1), ("topk_group", 1),
                           ("first_k_dense_replace", 0)):
-            value = getattr(self, name)  # bool is an int subclass: `true` is not a count
-            need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= low),
-                 f"{name} must be an integer >= {low} (or unset), got {value!r}")
+            value = getattr(self, name)
+            need(value is None or value >= low, f"{name} must be an integer >= {low} (or unset), got {value!r}")
         for name in ("routed_scaling_factor", "moe_capacity_factor"):
             value = getattr(self, name)
-            need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                   and 0 < value < float("inf")),
-                 f"{name} must be a finite number > 0 (or unset), got {value!r}")
+            need(value is None or value > 0, f"{name} must be a finite number > 0 (or unset), got {value!r}")
         need(self.moe_score is None or self.moe_score in MOE_SCORES,
              f"moe_score must be one of {', '.join(MOE_SCORES)} (or unset), got {self.moe_score!r}")
-        need(self.norm_topk_prob is None or isinstance(self.norm_topk_prob, bool),
-             f"norm_topk_prob must be true or false (or unset), got {self.norm_topk_prob!r}")
         e, k = self.routed_experts, self.experts_per_token
         need(k <= e, f"num_experts_per_tok ({k}) must be <= n_routed_experts ({e})")
         need(self.dense_layers < self.n_layer,

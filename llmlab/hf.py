@@ -69,7 +69,10 @@ def _rope_theta(c) -> float:
     if float(params.get("partial_rotary_factor") or 1.0) != 1.0:
         raise LlmlabError(f"{c.model_type}: partial rotary embeddings are not supported")
     theta = params.get("rope_theta", getattr(c, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
+    try:
+        return float(theta if theta is not None else 10000.0)
+    except (TypeError, ValueError):
+        raise LlmlabError(f"{c.model_type}: rope_theta {theta!r} is not a number") from None
 
 
 def config_from_hf(c) -> ModelConfig:
@@ -289,7 +292,8 @@ def _load_hf_dir(path: Path):
         raise LlmlabError(f"unsupported Hugging Face model_type {arch!r}{extra}; llmlab converts: {', '.join(ARCHS)}")
     config_cls, model_cls = _hf_classes(tf, arch)
     try:
-        hf_config = config_cls.from_pretrained(str(path), local_files_only=True)
+        # llmlab chooses the attention implementation: a name in config.json (a hub kernel, which is code) is never honoured
+        hf_config = config_cls.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
     except Exception as e:  # transformers raises several types for a bad config.json
         raise LlmlabError(f"{path}/config.json is not a loadable Hugging Face config ({one_line(e)})") from None
     config_from_hf(hf_config)  # fail on unsupported models before reading any weights
@@ -298,7 +302,7 @@ def _load_hf_dir(path: Path):
         dtype_kw = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.x
         model, info = model_cls.from_pretrained(
             str(path), config=hf_config, use_safetensors=True, local_files_only=True, trust_remote_code=False,
-            output_loading_info=True, **{dtype_kw: torch.float32})
+            output_loading_info=True, attn_implementation="eager", **{dtype_kw: torch.float32})
     except Exception as e:
         raise LlmlabError(f"cannot load the Hugging Face model in {path} ({one_line(e)})") from None
     bad = sorted(set(info.get("missing_keys", ())) | {m[0] for m in info.get("mismatched_keys", ())})

@@ -117,3 +117,15 @@ def test_flash_mla_through_the_triton_kernel_interpreted():
                PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     run = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "KERNEL-GREEDY-OK" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_paged_decode_crossing_a_block_boundary_equals_recompute():
+    """Decode steps that cross from one 64-token block into the next (prompts of 60, 62 and 127
+    tokens, 10 steps each): a wrong block-table lookup at the crossing shows in the logits."""
+    dense, paged = pair()
+    ps = prompts((60, 62, 127), seed=3)
+    cont = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = recomputed_logits(dense, ps, cont)
+        got = cached_logits(paged, ps, cont)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()

@@ -202,14 +202,15 @@ def test_router_bias_is_a_saved_buffer_without_gradient():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(n_routed_experts=True), "n_routed_experts must be an integer"),
-    (dict(num_experts_per_tok=2.0), "num_experts_per_tok must be an integer"),
+    (dict(n_routed_experts=True), "n_routed_experts must be int"),
+    (dict(num_experts_per_tok=2.0), "num_experts_per_tok must be int"),
     (dict(n_shared_experts=-1), "n_shared_experts must be an integer >= 0"),
     (dict(num_experts_per_tok=9), r"num_experts_per_tok \(9\) must be <= n_routed_experts \(8\)"),
     (dict(moe_score="relu"), "moe_score must be one of"),
-    (dict(norm_topk_prob=1), "norm_topk_prob must be true or false"),
+    (dict(norm_topk_prob=1), "norm_topk_prob must be bool"),
     (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor must be a finite number"),
-    (dict(routed_scaling_factor=True), "routed_scaling_factor must be a finite number"),
+    (dict(routed_scaling_factor=True), "routed_scaling_factor must be float"),
+    (dict(routed_scaling_factor=-1.0), "routed_scaling_factor must be a finite number > 0"),
     (dict(moe_capacity_factor=0), "moe_capacity_factor must be a finite number > 0"),
     (dict(n_group=3, topk_group=1), r"n_group \(3\) must divide"),
     (dict(n_group=2), "needs both n_group and topk_group"),

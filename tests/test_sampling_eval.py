@@ -92,7 +92,7 @@ def test_ragged_prefill_logits_equal_each_prompt_alone(position):
     padding slot seen by a real token, or a position shifted by the padding, changes them)."""
     model = Transformer(tiny(preset="kv_cache", position=position)).eval()
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [9, 9, 9, 9, 9, 9]]
-    idx, pad = _left_pad(prompts, "cpu")
+    idx, pad = _left_pad(prompts, 97, "cpu")
     steps = _cached_logits(model, idx, pad, 6)
     rows = [torch.tensor([p]) for p in prompts]
     with torch.no_grad():

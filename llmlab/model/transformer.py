@@ -98,6 +98,9 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None,
                   device=None) -> InferenceCache:
         """Allocate every layer's cache for `batch` rows of up to `max_len` tokens."""
+        for name, value in (("batch", batch), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LlmlabError(f"new_cache: {name} must be a positive integer, got {value!r}")
         limit = self.pos.max_positions
         if limit is not None and max_len > limit:
             raise LlmlabError(f"cache length {max_len} exceeds block_size {limit} of learned positions")
