@@ -14,6 +14,10 @@ from llmlab.validate import check_fields
 # (llmlab.registry): a later rung adds a module with `@register(...)`, and nothing else lists them.
 KIND_FIELDS = ("attention", "position", "norm", "mlp")
 MLA_FIELDS = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+MOE_FIELDS = ("n_routed_experts", "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "moe_score",
+              "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "first_k_dense_replace",
+              "moe_capacity_factor")
+MOE_SCORES = ("sigmoid", "softmax")
 
 
 @dataclass
@@ -42,6 +46,19 @@ class ModelConfig:
     qk_nope_head_dim: Optional[int] = None  # per-head query/key width without position (hd)
     qk_rope_head_dim: Optional[int] = None  # d_r, the decoupled rotary width (hd/2 with RoPE, else 0)
     v_head_dim: Optional[int] = None  # per-head value width (hd)
+    # Mixture of experts (mlp="moe", llmlab/model/moe.py: DeepSeekMoE, DeepSeek-V2 §2.2, V3 §2.1.2); None: the
+    # default in brackets. Names as in Hugging Face's DeepseekV2/V3 configs.
+    n_routed_experts: Optional[int] = None  # fine-grained routed SwiGLU experts (8)
+    n_shared_experts: Optional[int] = None  # always-on experts every token passes through (1; 0: none)
+    num_experts_per_tok: Optional[int] = None  # k routed experts per token (2)
+    moe_intermediate_size: Optional[int] = None  # each expert's hidden width (ffn_size // (shared + k))
+    moe_score: Optional[str] = None  # router scores: "sigmoid" (V3) or "softmax" (V2) (sigmoid)
+    norm_topk_prob: Optional[bool] = None  # the k weights divided by their sum (sigmoid: True, softmax: False)
+    routed_scaling_factor: Optional[float] = None  # multiplies the routed experts' weights (1.0)
+    n_group: Optional[int] = None  # group-limited routing: experts in n_group groups (None: no limit)
+    topk_group: Optional[int] = None  # ... of which each token may use the topk_group best
+    first_k_dense_replace: Optional[int] = None  # the first k layers keep a dense SwiGLU (0)
+    moe_capacity_factor: Optional[float] = None  # training drops assignments past cf*tokens*k/E per expert (none)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -59,7 +76,7 @@ class ModelConfig:
     def ffn_size(self) -> int:
         if self.intermediate_size is not None:
             return self.intermediate_size
-        if self.mlp == "swiglu":  # Llama: 2/3 of 4*d, rounded up to a multiple of 64
+        if self.mlp in ("swiglu", "moe"):  # Llama: 2/3 of 4*d, rounded up to a multiple of 64 (MoE: its dense layers)
             hidden = int(2 * 4 * self.n_embd / 3)
             return 64 * ((hidden + 63) // 64)
         return 4 * self.n_embd
@@ -86,6 +103,47 @@ class ModelConfig:
     @property
     def value_head_dim(self) -> int:
         return self.v_head_dim if self.v_head_dim is not None else self.head_size
+
+    # MoE sizes with their defaults (llmlab/model/moe.py)
+    @property
+    def routed_experts(self) -> int:
+        return 8 if self.n_routed_experts is None else self.n_routed_experts
+
+    @property
+    def shared_experts(self) -> int:
+        return 1 if self.n_shared_experts is None else self.n_shared_experts
+
+    @property
+    def experts_per_token(self) -> int:
+        return 2 if self.num_experts_per_tok is None else self.num_experts_per_tok
+
+    @property
+    def expert_size(self) -> int:
+        """Each expert's hidden width; by default shared + routed-per-token experts add up to the
+        dense SwiGLU's width, so a token's active MLP parameters stay those of the dense layer."""
+        if self.moe_intermediate_size is not None:
+            return self.moe_intermediate_size
+        return max(1, self.ffn_size // (self.shared_experts + self.experts_per_token))
+
+    @property
+    def router_score(self) -> str:
+        return self.moe_score or "sigmoid"
+
+    @property
+    def normalize_topk(self) -> bool:
+        return self.router_score == "sigmoid" if self.norm_topk_prob is None else self.norm_topk_prob
+
+    @property
+    def routed_scale(self) -> float:
+        return 1.0 if self.routed_scaling_factor is None else float(self.routed_scaling_factor)
+
+    @property
+    def dense_layers(self) -> int:
+        return self.first_k_dense_replace or 0
+
+    def mlp_for_layer(self, layer: int) -> str:
+        """The MLP kind of block `layer`: an MoE model's first `first_k_dense_replace` blocks are dense SwiGLU."""
+        return "swiglu" if self.mlp == "moe" and layer < self.dense_layers else self.mlp
 
     # ---- checks --------------------------------------------------------------------------
     def validate(self) -> None:
@@ -121,6 +179,7 @@ class ModelConfig:
                             f"attention={self.attention!r})")
             if self.position == "rope":
                 need(self.head_size % 2 == 0, f"RoPE needs an even head size, got {self.head_size}")
+        self._validate_moe(need)
 
     def _validate_mla(self, need) -> None:
         for name in MLA_FIELDS:
@@ -135,6 +194,38 @@ class ModelConfig:
             need(self.rope_head_dim > 0 and self.rope_head_dim % 2 == 0,
                  f"MLA with RoPE rotates a decoupled slice of qk_rope_head_dim channels, which must be even "
                  f"and > 0 (got {self.rope_head_dim}); set qk_rope_head_dim, e.g. {max(2, self.head_size // 2)}")
+
+    def _validate_moe(self, need) -> None:
+        if self.mlp != "moe":
+            given = [f for f in MOE_FIELDS if getattr(self, f) is not None]
+            need(not given, f"{', '.join(given)} apply to mlp='moe' only (this config has mlp={self.mlp!r})")
+            return
+        # types were checked first (check_fields: a bool or 2.0 where a count is meant is one line); ranges here
+        for name, low in (("n_routed_experts", 1), ("n_shared_experts", 0), ("num_experts_per_tok", 1),
+                          ("moe_intermediate_size", 1), ("n_group", 1), ("topk_group", 1),
+                          ("first_k_dense_replace", 0)):
+            value = getattr(self, name)
+            need(value is None or value >= low, f"{name} must be an integer >= {low} (or unset), got {value!r}")
+        for name in ("routed_scaling_factor", "moe_capacity_factor"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"{name} must be a finite number > 0 (or unset), got {value!r}")
+        need(self.moe_score is None or self.moe_score in MOE_SCORES,
+             f"moe_score must be one of {', '.join(MOE_SCORES)} (or unset), got {self.moe_score!r}")
+        e, k = self.routed_experts, self.experts_per_token
+        need(k <= e, f"num_experts_per_tok ({k}) must be <= n_routed_experts ({e})")
+        need(self.dense_layers < self.n_layer,
+             f"first_k_dense_replace ({self.dense_layers}) must be < n_layer ({self.n_layer}) so some layer is "
+             "MoE; for a dense model use mlp='swiglu'")
+        need((self.n_group is None) == (self.topk_group is None),
+             "group-limited routing needs both n_group and topk_group (or neither)")
+        if self.n_group is not None:
+            g, tg = self.n_group, self.topk_group
+            need(e % g == 0, f"n_group ({g}) must divide n_routed_experts ({e})")
+            need(tg <= g, f"topk_group ({tg}) must be <= n_group ({g})")
+            need(k <= tg * (e // g), f"num_experts_per_tok ({k}) must be <= topk_group x experts per group "
+                                     f"({tg} x {e // g}): the eligible groups must hold k experts")
+            need(self.router_score == "softmax" or e // g >= 2,
+                 f"sigmoid routing scores a group by its 2 best experts: n_group ({g}) must leave >= 2 experts a group")
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

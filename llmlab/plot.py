@@ -1,4 +1,5 @@
-"""Loss curves of a run, from its metrics.jsonl."""
+"""Loss curves of a run, from its metrics.jsonl (and, for MoE models, each MoE layer's expert load
+max/mean per step in a second panel)."""
 from __future__ import annotations
 
 import json
@@ -32,6 +33,24 @@ def _points(recs: list[dict], key: str) -> list[tuple[float, float]]:
     num = (int, float)
     return [(r["step"], r[key]) for r in recs
             if isinstance(r.get("step"), num) and isinstance(r.get(key), num) and not isinstance(r.get(key), bool)]
+
+
+def _layer_points(recs: list[dict], key: str) -> list[list[tuple[float, float]]]:
+    """Per MoE layer, (step, value) of a per-layer list such as `expert_load` (malformed lines skipped)."""
+    rows = [(r["step"], r[key]) for r in recs if isinstance(r.get("step"), (int, float))
+            and isinstance(r.get(key), list) and all(isinstance(v, (int, float)) for v in r[key])]
+    n = max((len(v) for _, v in rows), default=0)
+    return [[(s, v[i]) for s, v in rows if len(v) == n] for i in range(n)]
+
+
+def _plot_expert_load(ax, loads: list[list[tuple[float, float]]]) -> None:
+    for i, points in enumerate(loads):
+        ax.plot(*zip(*points), label=f"MoE layer {i + 1}", alpha=0.8)
+    ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)  # perfectly even load
+    ax.set_xlabel("step")
+    ax.set_ylabel("expert load max/mean")
+    ax.legend()
+    ax.grid(alpha=0.3)
 
 
 def _out_path(run_dir: Path, out) -> Path:
@@ -111,7 +130,9 @@ def plot_run(run_dir: Path, out=None) -> Path:
     val = _points(recs, "val_loss")
     if not train and not val:
         raise LlmlabError(f"{run_dir / 'metrics.jsonl'} holds no losses yet")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    loads = _layer_points(recs, "expert_load")
+    fig, axes = plt.subplots(2 if loads else 1, 1, figsize=(7, 7 if loads else 4), squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train loss", alpha=0.6)
     if val:
@@ -128,6 +149,8 @@ def plot_run(run_dir: Path, out=None) -> Path:
     ax.set_title(run_dir.resolve().name + (f"\n{details}" if details else ""), fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
+    if loads:
+        _plot_expert_load(axes[1][0], loads)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)

@@ -59,6 +59,10 @@ register("flash_mla", "rope_mla decoding through a paged latent cache (blocks of
 register("llama", "Llama architecture: RMSNorm, SwiGLU, RoPE, GQA, no biases, untied head",
          **CACHED | dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
                          tie_embeddings=False))
+register("moe", "kv_cache with DeepSeekMoE MLPs: 1 shared + 8 fine-grained routed SwiGLU experts, top-2 by sigmoid "
+         "scores, auxiliary-loss-free balancing (DeepSeek-V3)", **CACHED | dict(mlp="moe"))
+register("deepseek", "the DeepSeek-V2/V3 block: rope_mla attention + the moe rung's experts, first layer dense; "
+         "exports to DeepseekV3ForCausalLM", **PRESETS["rope_mla"].fields | dict(mlp="moe", first_k_dense_replace=1))
 
 
 def _preset(name: str) -> Preset:

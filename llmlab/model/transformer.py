@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
-from llmlab.model import attention, mla  # noqa: F401 - register attention="mha", "mla" and their implementations
+from llmlab.model import attention, mla, moe  # noqa: F401 - register attention="mha"/"mla", their implementations, mlp="moe"
 from llmlab.model.cache import CacheStep, DenseCache
 from llmlab.model.layers import build_mlp, build_norm
 from llmlab.model.paged_cache import PagedCache
@@ -26,12 +26,12 @@ CACHES = {"dense": DenseCache, "paged": PagedCache}
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.norm1 = build_norm(config)
         self.attn = lookup("attention", config.attention)(config)
         self.norm2 = build_norm(config)
-        self.mlp = build_mlp(config)
+        self.mlp = build_mlp(config, layer)  # an MoE model's first layers may stay dense
 
     def forward(self, x, rotary=None, step=None, layer: int = 0):
         x = x + self.attn(self.norm1(x), rotary, step, layer)
@@ -50,7 +50,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos = build_positions(config, lookup("attention", config.attention).rotary_dim(config))
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = build_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -104,6 +104,11 @@ class Transformer(nn.Module):
             n -= self.tok_emb.weight.numel()
             n -= sum(p.numel() for p in self.pos.parameters())
         return n
+
+    def num_active_params(self, non_embedding: bool = False) -> int:
+        """Parameters one token runs through: num_params() less, in each MoE layer, the routed experts
+        it is not sent to ((n_routed_experts - num_experts_per_tok) experts' weights)."""
+        return self.num_params(non_embedding) - sum(m.idle_params() for m in self.modules() if isinstance(m, moe.MoE))
 
     # ---- inference cache -----------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, device=None,

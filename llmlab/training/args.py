@@ -61,6 +61,9 @@ class TrainArgs:
     parallel: str = _("none", "torch.distributed data parallelism over the ranks torchrun starts",
                       choices=PARALLEL)
     activation_checkpointing: bool = _(False, "with --parallel: recompute each block in backward (less memory)")
+    moe_bias_rate: float = _(0.001, "MoE: gamma, how far each expert's selection bias moves toward equal load "
+                                    "every step (DeepSeek-V3 auxiliary-loss-free balancing; 0: off)")
+    moe_aux_weight: float = _(0.0, "MoE: alpha, weight of the sequence-wise balance loss (0: off)")
     resume: bool = _(False, "continue the run in --out from its last checkpoint")
     seed: int = _(1337, "random seed (weights, data order, dropout)")
     sample_tokens: int = _(200, "tokens of sample text printed at the end (0: none)")
@@ -95,6 +98,10 @@ class TrainArgs:
                   # NaN compares false with everything, so `>= 0` refuses it too
                   (self.grad_clip >= 0 and math.isfinite(self.grad_clip),
                    f"--grad-clip must be a finite number >= 0 (0: no clipping), got {self.grad_clip}"),
+                  (self.moe_bias_rate >= 0 and math.isfinite(self.moe_bias_rate),
+                   f"--moe-bias-rate must be a finite number >= 0 (0: off), got {self.moe_bias_rate}"),
+                  (self.moe_aux_weight >= 0 and math.isfinite(self.moe_aux_weight),
+                   f"--moe-aux-weight must be a finite number >= 0 (0: off), got {self.moe_aux_weight}"),
                   (0 <= self.sample_tokens <= MAX_SAMPLE_TOKENS,
                    f"--sample-tokens must be in [0, {MAX_SAMPLE_TOKENS:,}] (0: none; `llmlab sample` writes more), "
                    f"got {self.sample_tokens}"),

@@ -22,6 +22,7 @@ from llmlab.presets import preset_config, preset_runtime
 from llmlab.tokenizer import build_tokenizer, load_tokenizer
 from llmlab.training import checkpoints, parallel
 from llmlab.training.args import TrainArgs
+from llmlab.training.balance import describe
 from llmlab.training.device import pick_device, use_bf16
 from llmlab.training.evaluate import mean_loss, sampled_batches
 from llmlab.training.plan import RunPlan, plan_run, text_sha256
@@ -142,7 +143,7 @@ def _train(plan: RunPlan, ranks: parallel.Ranks, device: str) -> dict[str, Any]:
     bar = tqdm(total=a.max_iters, initial=step, disable=quiet, dynamic_ncols=True, unit="it")
     val_loss = None
     saved_at = step if plan.resume else None  # a resumed run's step was evaluated before its checkpoint
-    train_step = TrainStep(model, opt, step_cfg, built.loss_fn, built.sync, ranks.mean)
+    train_step = TrainStep(model, opt, step_cfg, built.loss_fn, built.sync, ranks.mean, ranks.sum)
     try:
         while True:
             if (step % a.eval_interval == 0 or step == a.max_iters) and step != saved_at:
@@ -153,7 +154,8 @@ def _train(plan: RunPlan, ranks: parallel.Ranks, device: str) -> dict[str, Any]:
                 _check_finite(val_loss, step, out, "val loss")
                 metrics.write(step=step, val_loss=val_loss, train_loss=losses["train"],
                               perplexity=math.exp(min(val_loss, 50)))
-                log(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
+                log(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}"
+                    + describe(train_step.stats))  # MoE: expert load of the last step
                 best_val = checkpoints.save(out, model, opt, train_batches, tokenizer, train_args, step,
                                             val_loss, best_val, ranks, run_state)
                 saved_at = step
@@ -163,7 +165,8 @@ def _train(plan: RunPlan, ranks: parallel.Ranks, device: str) -> dict[str, Any]:
             loss = train_step(train_batches.next, plan.schedule(step))  # the mean over the ranks
             _check_finite(loss, step, out, "training loss")
             dt = time.perf_counter() - t0
-            metrics.write(step=step, loss=loss, lr=plan.schedule(step), tokens_per_s=tokens_per_step / dt)
+            metrics.write(step=step, loss=loss, lr=plan.schedule(step), tokens_per_s=tokens_per_step / dt,
+                          **train_step.stats)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
             bar.update(1)
             step += 1

@@ -44,6 +44,14 @@ class Ranks:
         dist.all_reduce(t)
         return t.item() / self.world
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the ranks (one all-reduce; every rank gets it)."""
+        if not self.active:
+            return t
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
