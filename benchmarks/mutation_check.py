@@ -1,4 +1,5 @@
-"""Mutation check of llmlab's core maths (outside llmlab/training): do the tests notice a bug?
+"""Mutation check: do the tests notice a bug? Two sets of one-line bugs: the core maths (outside
+llmlab/training, the default) and training + infrastructure (`--set infra`, in mutations_infra.py).
 
 Each mutation below is one small, plausible slip in the maths (a wrong scale, an off-by-one
 mask, a swapped pair, a dropped term) written as (file, exact original snippet, mutated snippet,
@@ -9,7 +10,8 @@ the tests that should notice). For each one the harness
   2. replaces the snippet in the copy (it must occur exactly once in its file, and the mutated
      file must still compile, so the list stays honest as the code changes),
   3. runs that mutation's tests on the copy (`pytest -x -q -m "not slow"`, hypothesis seeded, with a
-     timeout),
+     timeout; `--slow` includes the slow tests: without it, a bug only a slow test catches is
+     reported as a survivor),
   4. puts the original file back (in a `finally`; the copy is deleted at exit, Ctrl-C included).
 
 A mutation is *killed* when its tests fail (a timeout counts as killed and is shown as such),
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("llmlab", "tests", "benchmarks", "pyproject.toml")
+COPIED = ("llmlab", "tests", "benchmarks", "pyproject.toml", "README.md")
 PYTEST = ("-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", "--hypothesis-seed=0")  # repeatable
 
 
@@ -100,8 +102,8 @@ MUTATIONS: list[Mutation] = [
       "table[:, 0::2] = torch.cos(pos * inv)", T_MODEL, "even channels get cos"),
     M("learned_positions_offset", POS, "return x + self.weight[pos]", "return x + self.weight[pos - 1]",
       T_HF_MODEL, "token p gets position row p-1 (row 0 never used)"),
-    M("padded_rows_positions", CACHE, "return (input_pos[None, :] - self.pad[:batch, None]).clamp_min(0)",
-      "return input_pos[None, :].expand(batch, -1)", T_CACHE, "left-padded rows start at position pad, not 0"),
+    M("padded_rows_positions", CACHE, "positions = (slots[None, :] - pad[:, None]).clamp_min(0)  # (B, T)",
+      "positions = slots[None, :].expand(batch, -1)  # (B, T)", T_CACHE, "left-padded rows start at position pad, not 0"),
     # ---- norms, MLPs, the block ------------------------------------------------------------
     M("rmsnorm_eps_dropped", LAY, "nn.RMSNorm(config.n_embd, eps=config.norm_eps)", "nn.RMSNorm(config.n_embd)",
       T_HF_MODEL, "RMSNorm uses torch's default eps instead of the config's"),
@@ -111,8 +113,8 @@ MUTATIONS: list[Mutation] = [
       "silu applied to the up half"),
     M("gelu_approximate_flag", LAY, 'self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"',
       'self.approximate = "none"', T_HF_MODEL, "gelu_tanh computed as exact GELU"),
-    M("residual_dropped", TRF, "x = x + self.attn(self.norm1(x), rotary, view, layer)",
-      "x = self.attn(self.norm1(x), rotary, view, layer)", T_HF_MODEL, "attention output replaces the stream"),
+    M("residual_dropped", TRF, "x = x + self.attn(self.norm1(x), rotary, step, layer)",
+      "x = self.attn(self.norm1(x), rotary, step, layer)", T_HF_MODEL, "attention output replaces the stream"),
     M("final_norm_skipped", TRF, "return self.lm_head(self.norm_f(x))", "return self.lm_head(x)", T_HF_MODEL,
       "no final norm before the head"),
     M("tied_head_not_retied", TRF, "self.lm_head.weight = self.tok_emb.weight  # to_empty()",
@@ -132,32 +134,32 @@ MUTATIONS: list[Mutation] = [
     M("mla_absorbed_softmax_dim", MLA, "p = F.softmax(scores, dim=-1, dtype=torch.float32)",
       "p = F.softmax(scores, dim=-2, dtype=torch.float32)", T_MLA, "absorbed decode softmax over heads/queries"),
     # ---- caches ----------------------------------------------------------------------------
-    M("kv_cache_write_slot", CACHE, "self.v[:b, :, input_pos] = v", "self.v[:b, :, input_pos - 1] = v", T_CACHE,
-      "values written one slot early"),
-    M("latent_cache_write_slot", CACHE, "self.kv[:b, input_pos] = kv", "self.kv[:b, input_pos - 1] = kv", T_MLA,
-      "latents written one slot early"),
-    M("padding_mask_pad_visible", CACHE, "allowed = ((s <= q)[None] & real) | (s == q)[None]",
-      "allowed = (s <= q)[None] | (s == q)[None]", T_CACHE, "real tokens attend to left padding"),
-    M("paged_store_offset", PAGED, "pages.pool[layer, blocks, pos % bs] = new.to(pages.pool.dtype)",
-      "pages.pool[layer, blocks, (pos + 1) % bs] = new.to(pages.pool.dtype)", T_FLASH,
-      "paged store one row late inside its block"),
-    M("paged_gather_block_index", PAGED, "blocks = pages.block_table[: self.batch, j // bs].long()  # (B, S)",
-      "blocks = pages.block_table[: self.batch, j // bs * 0].long()  # (B, S)", T_FLASH,
-      "prefill gathers every token from the row's first block"),
+    M("cache_write_slot", CACHE, "pool[self.write_block, self.write_offset] = x",
+      "pool[self.write_block, self.write_offset - 1] = x", T_CACHE, "every cached tensor written one slot early"),
+    M("latent_cache_write_slot_mla", CACHE, "pool[self.write_block, self.write_offset] = x",
+      "pool[self.write_block, (self.write_offset + 1) % pool.shape[1]] = x", T_MLA,
+      "MLA latents (the same write path) written one slot late"),
+    M("padding_mask_pad_visible", CACHE, "allowed = ((s <= q) & (s >= self.start[:, None, None])) | (s == q)",
+      "allowed = (s <= q) | (s == q)", T_CACHE, "real tokens attend to left padding"),
+    M("paged_store_offset", PAGED, "offset.append(p % bs if p >= 0 else 0)",
+      "offset.append((p + 1) % bs if p >= 0 else 0)", T_FLASH, "paged store one row late inside its block"),
+    M("paged_gather_block_index", CACHE, "g = pool[self.table.long()]  # (B, blocks, *layout of one block)",
+      "g = pool[self.table.long() * 0]  # (B, blocks, *layout of one block)", T_FLASH,
+      "a paged read takes every token from the pool's first block"),
     # ---- generation ------------------------------------------------------------------------
     M("top_k_keeps_k_plus_1", GEN, "kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]",
       "kth = torch.topk(logits, top_k + 1, dim=-1).values[:, -1:]", T_GEN, "top-k keeps k+1 tokens"),
     M("top_p_boundary", GEN, "drop_sorted = probs.cumsum(dim=-1) - probs >= top_p",
       "drop_sorted = probs.cumsum(dim=-1) - probs > top_p", T_GEN,
       "a token whose preceding mass is exactly p is kept"),
-    M("temperature_twice", GEN, "logits = logits.float() / temperature",
-      "logits = logits.float() / temperature / temperature", T_GEN, "temperature applied twice"),
+    M("temperature_twice", GEN, "/ temperature).float()", "/ temperature / temperature).float()", T_GEN,
+      "temperature applied twice"),
     M("greedy_argmax_dim", GEN, "return logits.argmax(dim=-1)", "return logits.argmax(dim=0)", T_GEN,
       "greedy argmax over the batch"),
     M("stop_token_not_repeated", GEN, "nxt = torch.where(done, stops[0], nxt)", "nxt = torch.where(done, nxt, nxt)",
       T_GEN, "rows that stopped keep generating"),
-    M("prefill_window_start", GEN, "start = max(0, n - max_len)", "start = max(0, n - max_len + 1)", T_CACHE,
-      "the rolled window re-prefills one token too few"),
+    M("rolled_window_padding", GEN, "pad = (pad - 1).clamp_min(0)", "pad = pad.clamp_min(0)",
+      ("tests/test_infrastructure.py", "-k", "rolls"), "the rolled window forgets that padding moved left"),
     # ---- Flash MLA kernels -----------------------------------------------------------------
     M("flash_ref_causal_limit", FLASH, "last = n - s_q + torch.arange(s_q, device=q.device)",
       "last = n - s_q - 1 + torch.arange(s_q, device=q.device)", T_FLASH, "a query does not see its own token"),
@@ -192,6 +194,13 @@ MUTATIONS: list[Mutation] = [
       "half_split = torch.arange(d_r)", ("tests/test_hf_deepseek.py",),
       "DeepSeek rope rows kept in HF's adjacent-pair layout"),
 ]
+
+# The second set, training and infrastructure (benchmarks/mutations_infra.py): `--set infra`.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mutations_infra import mutations as _infra  # noqa: E402
+
+INFRA: list[Mutation] = _infra(M)
+SETS = {"core": MUTATIONS, "infra": INFRA, "all": MUTATIONS + INFRA}
 
 # Mutations that change nothing observable: not run, not counted (kept here so nobody re-adds them).
 EQUIVALENT: list[tuple[Mutation, str]] = [
@@ -295,13 +304,21 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the mutations and exit")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the test files")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per test run (default 900)")
+    ap.add_argument("--set", choices=SETS, default="core",
+                    help="core: the maths (default); infra: training and infrastructure; all: both")
+    ap.add_argument("--slow", action="store_true",
+                    help='also run tests marked slow (by default `-m "not slow"`: a bug only a slow test '
+                         "catches then shows as a survivor)")
     args = ap.parse_args(argv)
+    global PYTEST
+    if args.slow:
+        PYTEST = tuple(a for a in PYTEST if a not in ("-m", "not slow"))
 
-    problems = check(MUTATIONS + [m for m, _ in EQUIVALENT])
+    problems = check(SETS["all"] + [m for m, _ in EQUIVALENT])
     if problems:
         print("mutation list out of date:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
-    chosen = [m for m in MUTATIONS if not args.only or any(s in m.name for s in args.only)]
+    chosen = [m for m in SETS[args.set] if not args.only or any(s in m.name for s in args.only)]
     if args.list:
         for m in chosen:
             print(f"{m.name:34} {m.file:32} {m.why}\n{'':34} tests: {' '.join(m.tests)}")
@@ -309,7 +326,8 @@ def main(argv=None) -> int:
             print(f"{m.name:34} {m.file:32} EQUIVALENT: {why}")
         return 0
     if args.check:
-        print(f"{len(MUTATIONS)} mutations + {len(EQUIVALENT)} equivalent ones: every snippet found exactly once")
+        print(f"{len(MUTATIONS)} core + {len(INFRA)} infrastructure mutations + {len(EQUIVALENT)} equivalent ones: "
+              "every snippet found exactly once")
         return 0
     if not chosen:
         print("no mutation matches --only", file=sys.stderr)

@@ -1,14 +1,17 @@
 """llmlab: build, train, sample and compare small LLMs, rung by rung.
 
-Stable API: `Transformer` / `ModelConfig`, `preset_config(name, **sizes)`, `load(path, **overrides)`,
-`generate(model, idx, max_new_tokens, ...)`, `from_hf(path_or_model)`, `to_hf(model, out_dir)`.
+Stable API: `Transformer(config, runtime)` / `ModelConfig` (what the weights are) / `Runtime` (how
+they run), `preset_config(name, **sizes)`, `preset_runtime(name)`, `preset_model(name, **sizes)`,
+`load(path, runtime=..., **overrides)`, `generate(model, idx, max_new_tokens, ...)`,
+`from_hf(path_or_model)`, `to_hf(model, out_dir)`.
 """
 from llmlab.checkpoint import load
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
 from llmlab.generation import generate, stream
 from llmlab.model import GPT, Transformer
-from llmlab.presets import PRESETS, preset_config
+from llmlab.presets import PRESETS, preset_config, preset_model, preset_runtime
+from llmlab.runtime import Runtime
 
 __version__ = "0.1.0"
 
@@ -27,5 +30,5 @@ def to_hf(model, out_dir):
     return _to_hf(model, out_dir)
 
 
-__all__ = ["Transformer", "GPT", "ModelConfig", "LlmlabError", "PRESETS", "preset_config", "load",
-           "generate", "stream", "from_hf", "to_hf"]
+__all__ = ["Transformer", "GPT", "ModelConfig", "Runtime", "LlmlabError", "PRESETS", "preset_config",
+           "preset_runtime", "preset_model", "load", "generate", "stream", "from_hf", "to_hf"]

@@ -10,15 +10,18 @@ reuses measure_contexts and cache_bytes_entry), print_* format them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
+from llmlab.model.cache import values_per_token
 from llmlab.registry import lookup
 
 SHAPES = ("gpt2", "llama", "deepseek")
@@ -34,26 +37,41 @@ COMPILED_RUN, UNCACHED_RUN = "llmlab generate, cache + compile", "llmlab generat
 UNCACHED_STEPS = 4  # full-recompute steps timed per context length (each costs a whole forward)
 
 
+def _(default: Any, help: str, **meta: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class BenchArgs:
+    """The settings of `llmlab bench decode` (its flags are derived from these fields)."""
+    shape: str = _("gpt2", "gpt2: 4 layers, d 256, 8 heads, vocab 512; llama: the same with 2 KV heads, RoPE, "
+                           "RMSNorm, SwiGLU; deepseek: DeepSeek-V2 MLA (d_c 128, d_r 16, nope 32, v 32), RoPE, "
+                           "RMSNorm, SwiGLU", choices=SHAPES)
+    prompt_len: int = _(16, "prompt tokens of table 1")
+    new_tokens: int = _(256, "tokens generated in table 1")
+    contexts: str = _("64,256,1024", "comma-separated context lengths for table 2", metavar="C,C,...")
+    repeats: int = _(3, "timed repeats per measurement (median)")
+    decode_steps: int = _(DECODE_STEPS, "cached decode steps timed per context")
+    compile: bool = _(True, "also time generate(compile=True) (the first call compiles for ~10-30 s)")
+    hf: bool = _(True, "compare with Hugging Face transformers (off: table 1 llmlab only)")
+    threads: int = _(0, "torch threads for every run, HF's included (0: torch's default, one per core); on a "
+                        "machine where another process holds a core, use 1")
+    seed: int = _(0, "random seed (weights, prompts)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through llmlab's CLI, never a usage block
+        from llmlab.errors import LlmlabError
+
+        raise LlmlabError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmlab bench decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=SHAPES, default="gpt2",
-                   help="gpt2: 4 layers, d 256, 8 heads, vocab 512; llama: the same with 2 KV heads, "
-                        "RoPE, RMSNorm, SwiGLU; deepseek: DeepSeek-V2 MLA (d_c 128, d_r 16, nope 32, v 32), "
-                        "RoPE, RMSNorm, SwiGLU (default gpt2)")
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--contexts", default="64,256,1024", help="comma-separated context lengths for table 2")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
-    p.add_argument("--decode-steps", type=int, default=DECODE_STEPS,
-                   help=f"cached decode steps timed per context (default {DECODE_STEPS})")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="skip the generate(compile=True) runs (the first compiles for ~10-30 s)")
-    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison (table 1 llmlab only)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads for every run, HF's included (default 0: torch's default, one per core). "
-                        "On a machine where another process holds a core, use 1: OpenMP threads spin-waiting "
-                        "for a busy core slow every op many times over")
-    p.add_argument("--seed", type=int, default=0)
+    from llmlab.settings import add_flags
+
+    p = _Parser(prog="llmlab bench decode", description=__doc__.split("\n\n")[0],
+                argument_default=argparse.SUPPRESS)
+    add_flags(p, BenchArgs)
     return p
 
 
@@ -63,8 +81,34 @@ def _contexts(spec: str) -> list[int]:
     except ValueError:
         values = []
     if not values or min(values) < 1:
-        raise SystemExit(f"error: --contexts must be comma-separated positive integers, got {spec!r}")
+        from llmlab.errors import LlmlabError
+
+        raise LlmlabError(f"--contexts must be comma-separated positive integers, got {spec!r}")
     return values
+
+
+MAX_LEN = 32768  # the benchmark's caches and position tables grow with it: past this it is a typo
+MAX_REPEATS = 100
+
+
+def _check(ns, max_len: int) -> Optional[str]:
+    """The first flag out of range, as one line (or None)."""
+    import os
+
+    for flag in ("prompt_len", "new_tokens", "repeats", "decode_steps"):
+        if getattr(ns, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be >= 1"
+    cores = os.cpu_count() or 1
+    if not 0 <= ns.threads <= 4 * cores:  # far more OpenMP threads than cores crash torch
+        return f"--threads must be in [0, {4 * cores}] (0: torch's default; this machine has {cores} cores)"
+    if not 0 <= ns.seed < 2**63:
+        return f"--seed must be in [0, 2^63), got {ns.seed}"
+    if ns.repeats > MAX_REPEATS:
+        return f"--repeats must be at most {MAX_REPEATS}"
+    if max_len > MAX_LEN:
+        return (f"--prompt-len + --new-tokens and the longest context + --decode-steps must stay within "
+                f"{MAX_LEN:,} tokens (got {max_len:,})")
+    return None
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -292,30 +336,29 @@ def cache_bytes_entry(name: str, model, max_len: int = 64) -> dict[str, Any]:
     cfg = model.config
     elem = model.tok_emb.weight.element_size()
     attn = lookup("attention", cfg.attention)  # each kind states what it caches per token
-    per_layer = attn.cache_values_per_token(cfg)
+    per_layer = values_per_token(attn.cache_spec(cfg))
     entry = {"name": name, "attention": attention_label(cfg.to_dict()), "n_layer": cfg.n_layer, "n_head": cfg.n_head,
              "values_per_layer": per_layer, "formula_text": attn.cache_formula(cfg),
              "dtype": str(model.tok_emb.weight.dtype), "cache_kind": cache_kind(model)}
     if entry["cache_kind"] == NONE:
         return entry | {"measured": None, "formula": None}
-    cache = model.new_cache(1, min(max_len, model.pos.max_positions or max_len))
+    cache = model.new_cache(1, min(max_len, model.pos.max_positions or max_len), kind=entry["cache_kind"])
     return entry | {"measured": cache.bytes_per_token(), "formula": cfg.n_layer * per_layer * elem}
 
 
 def cache_bytes_rows(extra: Optional[tuple[str, Any]] = None, max_len: int = 64) -> list[dict[str, Any]]:
     """cache_bytes_entry of every preset in the registry (at the benchmark's sizes), plus the
     benchmark's own model; a preset that cannot build is {"name", "skipped": reason}."""
-    from llmlab.model import Transformer
-    from llmlab.presets import PRESETS, preset_config
+    from llmlab.presets import PRESETS, preset_model
 
     sizes = dict(n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD, vocab_size=VOCAB, block_size=max_len)
     out = []
-    for name in PRESETS:
+    for name in PRESETS:  # each with its own runtime: basic and flash recompute (no cache)
         try:
             try:
-                model = Transformer(preset_config(name, **sizes))
+                model = preset_model(name, **sizes)
             except Exception:  # noqa: BLE001 - a preset whose kinds do not accept these sizes: its defaults
-                model = Transformer(preset_config(name, vocab_size=VOCAB))
+                model = preset_model(name, vocab_size=VOCAB)
         except Exception as e:  # noqa: BLE001 - a preset that cannot build at all is skipped
             out.append({"name": name, "skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:80]}"})
             continue
@@ -399,16 +442,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "decode":  # `python -m llmlab.bench decode ...` as well as the cli's remainder
         argv = argv[1:]
-    ns = build_parser().parse_args(argv)
-    for flag in ("prompt_len", "new_tokens", "repeats", "decode_steps"):
-        if getattr(ns, flag) < 1:
-            print(f"error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
+    ns = BenchArgs(**vars(build_parser().parse_args(argv)))
     contexts = _contexts(ns.contexts)
     max_len = max(ns.prompt_len + ns.new_tokens, max(contexts) + ns.decode_steps)
+    problem = _check(ns, max_len)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     with _threads(ns.threads), torch.inference_mode():
-        hf, model, shared, note = build_models(ns.shape, max_len, not ns.no_hf, ns.seed)
+        hf, model, shared, note = build_models(ns.shape, max_len, ns.hf, ns.seed)
         print(f"llmlab bench decode: shape {ns.shape}, {N_LAYER} layers, d_model {N_EMBD}, {N_HEAD} heads"
               f"{f' ({LLAMA_KV_HEADS} KV heads)' if ns.shape == 'llama' else ''}"
               f"{' (MLA: d_c 128, d_r 16, nope 32, v 32)' if ns.shape == 'deepseek' else ''}, vocab {VOCAB}, "

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory:
     model.safetensors        weights (a tied head is stored once)
-    config.json              {"model": ModelConfig, "tokenizer": kind, "train": args, "state": {...}}
+    config.json              {"model": ModelConfig, "runtime": Runtime (how it runs by default),
+                              "tokenizer": kind, "train": args, "state": {...}}
     tokenizer.json           the tokenizer (llmlab's own JSON, or an HF `tokenizers` file for BPE)
     train_state.safetensors  optimizer moments + RNG states (only in training checkpoints)
 
@@ -22,9 +23,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from llmlab import fsutil
+from llmlab import fsutil, memory
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
+from llmlab.runtime import Runtime, legacy_runtime, split_legacy
 from llmlab.model import Transformer
 from llmlab.validate import check_fields
 
@@ -43,7 +45,7 @@ def save_checkpoint(directory: Path, model: Transformer, tokenizer=None, train_a
                     state: Optional[dict] = None, train_tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write one checkpoint directory atomically. `model` must be the plain module (not compiled or
     wrapped), so names carry no `_orig_mod.` / `module.` prefix."""
-    meta = {"format": "llmlab-1", "model": model.config.to_dict(),
+    meta = {"format": "llmlab-1", "model": model.config.to_dict(), "runtime": model.runtime.to_dict(),
             "tokenizer": getattr(tokenizer, "kind", None), "train": train_args or {}, "state": state or {}}
 
     def write(tmp: Path) -> None:
@@ -89,8 +91,11 @@ def read_meta(directory: Path) -> dict:
             raise LlmlabError(f"{where} ('{key}' is not an object); restore it or retrain")
     if meta.get("tokenizer") is not None and not isinstance(meta["tokenizer"], str):
         raise LlmlabError(f"{where} ('tokenizer' is not a name); restore it or retrain")
-    check_fields(ModelConfig, meta["model"], f"{where} (model section)")
-    from llmlab.train import TrainArgs  # here, not at the top: train imports this module
+    model, _ = split_legacy(meta["model"])  # attn_backend / use_cache of earlier versions: runtime now
+    check_fields(ModelConfig, model, f"{where} (model section)")
+    if meta.get("runtime") is not None:
+        check_fields(Runtime, meta["runtime"], f"{where} (runtime section)")
+    from llmlab.training.args import TrainArgs
 
     fields = {f.name for f in dataclasses.fields(TrainArgs)}  # keys of other versions are let through
     check_fields(TrainArgs, {k: v for k, v in meta["train"].items() if k in fields}, f"{where} (train section)")
@@ -105,57 +110,74 @@ def model_config(meta: dict, directory: Path, **overrides: Any) -> ModelConfig:
         raise LlmlabError(f"checkpoint {directory} has an invalid model config ({fsutil.one_line(e)})") from None
 
 
-def _free_memory_bytes() -> Optional[int]:
+def saved_runtime(meta: dict, directory: Path, changes: Optional[dict] = None) -> Runtime:
+    """The runtime a checkpoint runs with by default (its saved one, or what an earlier version's
+    model fields meant), with `changes`; bad values are one line."""
     try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+        saved = Runtime.from_dict(legacy_runtime(meta["model"]) | (meta.get("runtime") or {}))
+        return saved.changed(**(changes or {}))
+    except (TypeError, ValueError) as e:
+        raise LlmlabError(f"checkpoint {directory} has an invalid runtime ({fsutil.one_line(e)})") from None
 
 
-def param_bytes(config: ModelConfig) -> int:
-    """fp32 bytes of a model's parameters, from its config alone (an upper-bound-ish estimate:
-    biases and norms are left out, they are tiny)."""
-    d, hd = config.n_embd, config.head_size
-    attn = d * (config.n_head + 2 * config.kv_heads) * hd + config.n_head * hd * d
-    mlp = (3 if config.mlp == "swiglu" else 2) * d * config.ffn_size
-    emb = config.vocab_size * d * (1 if config.tie_embeddings else 2)
-    pos = config.block_size * d if config.position == "learned" else 0
-    return 4 * (config.n_layer * (attn + mlp) + emb + pos)
+def saved_step(meta: dict, directory: Path) -> int:
+    """The step a checked meta (read_meta) was saved at; a hand-edited one is one clear line."""
+    step = meta["state"].get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise LlmlabError(f"checkpoint {directory} has a corrupt config.json (state.step {step!r} is not a step "
+                          "number); restore it or retrain")
+    return step
+
+
+def check_train_state(meta: dict, directory: Path, sharded: bool) -> None:
+    """The state a resume reads from config.json: a step, the best val loss and (single-process
+    checkpoints) the optimizer's param groups, each of its type, or one line."""
+    state = meta["state"]
+    saved_step(meta, directory)
+    best = state.get("best_val_loss")
+    groups = (state.get("optimizer") or {}).get("param_groups") if isinstance(state.get("optimizer"), dict) else None
+    problem = ("state.best_val_loss is not a number" if isinstance(best, bool) or not isinstance(best, (int, float))
+               else "state.optimizer.param_groups is missing" if not sharded and not isinstance(groups, list)
+               else None)
+    if problem:
+        raise LlmlabError(f"checkpoint {directory} has a corrupt config.json ({problem}); it cannot be resumed: "
+                          "restore it, or start a new run")
 
 
 def build_model(config: ModelConfig, where: str, copies: int = 1) -> Transformer:
     """Transformer(config), refusing one whose `copies` of the weights (training: 4, with gradients
     and AdamW's two moments) cannot fit in memory, before allocating it."""
-    need, free = copies * param_bytes(config), _free_memory_bytes()
-    if free is not None and need > free:
-        what = "for its weights" if copies == 1 else f"for {copies} copies of its weights (weights, gradients, AdamW)"
-        raise LlmlabError(f"{where}: the model needs about {need / 2**30:.1f} GiB {what} but only "
-                          f"{free / 2**30:.1f} GiB of memory is free; use a machine with more memory")
+    what = "for its weights" if copies == 1 else f"for {copies} copies of its weights (weights, gradients, AdamW)"
+    memory.check_fits(copies * memory.param_bytes(config), f"{where}: the model {what}",
+                      "use a machine with more memory")
     try:
         return Transformer(config)
     except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's "can't allocate memory"
         raise LlmlabError(f"{where}: cannot build the model ({fsutil.one_line(e)})") from None
 
 
-def load(path: Path | str, device: Optional[str] = None, **overrides: Any) -> Transformer:
-    """Load a run or checkpoint directory into a Transformer; `overrides` replace config fields
-    (e.g. attn_backend="manual"). Weights come from safetensors only."""
+def load(path: Path | str, device: Optional[str] = None, runtime: Optional[Runtime | dict] = None,
+         **overrides: Any) -> Transformer:
+    """Load a run or checkpoint directory into a Transformer. It runs with the runtime it was saved
+    with, or `runtime` (a Runtime, or a dict of changes to the saved one, e.g. {"cache": "paged"});
+    `overrides` replace config fields (the earlier names attn_backend / use_cache still work, as
+    runtime changes). Weights come from safetensors only."""
     directory = resolve_checkpoint(path)
     meta = read_meta(directory)
-    model = build_model(model_config(meta, directory, **overrides), f"checkpoint {directory}")
+    overrides, legacy = split_legacy(overrides)
+    config = model_config(meta, directory, **overrides)
+    rt = runtime if isinstance(runtime, Runtime) else saved_runtime(meta, directory, legacy | (runtime or {}))
+    rt.validate(config)
+    model = build_model(config, f"checkpoint {directory}")
+    model.use_runtime(rt)
     load_weights(model, directory)
-    if device is not None:
-        try:
+    try:
+        if device is not None:
             model.to(device)
-        except (RuntimeError, AssertionError, ValueError) as e:  # e.g. out of device memory
-            raise LlmlabError(f"cannot move the model to device {device} ({fsutil.one_line(e)})") from None
+        if rt.dtype is not None:
+            model.to(getattr(torch, rt.dtype))
+    except (RuntimeError, AssertionError, ValueError) as e:  # e.g. out of device memory
+        raise LlmlabError(f"cannot move the model to device {device} ({fsutil.one_line(e)})") from None
     return model.eval()
 
 

@@ -22,13 +22,6 @@ class _Parser(argparse.ArgumentParser):
         raise LlmlabError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)  # argparse turns a ValueError into "invalid _finite_float value"
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
 def _train_parser(sub) -> None:
     from llmlab.settings import add_flags
     from llmlab.training.args import TrainArgs
@@ -42,32 +35,25 @@ def _train_parser(sub) -> None:
     add_flags(p, TrainArgs)
 
 
-def _sampling_args(p) -> None:
-    p.add_argument("--prompt", default=None, help="text to continue (default: start of a text)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=_finite_float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=_finite_float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from llmlab.command_args import EvalArgs, RuntimeArgs, SampleArgs
+    from llmlab.settings import add_flags
+
     parser = _Parser(prog="llmlab", description="Build, train, sample and compare small LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
-    p = sub.add_parser("sample", help="generate text from a run, printed as it is produced")
+    # SUPPRESS: flags not given stay out of the namespace, so the dataclasses' defaults apply
+    p = sub.add_parser("sample", help="generate text from a run, printed as it is produced",
+                       argument_default=argparse.SUPPRESS)
     p.add_argument("run_dir")
-    _sampling_args(p)
-    p.add_argument("--no-cache", action="store_true", help="recompute every step instead of a KV cache")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the cached decode step: seconds to compile first, then faster tokens")
-    p = sub.add_parser("eval", help="validation loss and perplexity of a run")
+    add_flags(p, SampleArgs)
+    add_flags(p, RuntimeArgs)
+    p.add_argument("--no-cache", dest="cache", action="store_const", const="none",
+                   help="recompute every step instead of caching (= --cache none)")
+    p = sub.add_parser("eval", help="validation loss and perplexity of a run", argument_default=argparse.SUPPRESS)
     p.add_argument("run_dir")
-    p.add_argument("--data", default=None, help="evaluate on this data's validation split instead")
-    p.add_argument("--max-tokens", type=int, default=200_000, help="evaluate at most this many tokens")
-    p.add_argument("--device", default="auto")
-    p = sub.add_parser("convert", help="to / from Hugging Face transformers (GPT-2, Llama, Qwen2); "
+    add_flags(p, EvalArgs)
+    p = sub.add_parser("convert", help="to / from Hugging Face transformers (GPT-2, Llama, Qwen2, DeepSeek-V2); "
                                        "a sharded (--parallel) checkpoint to a single one")
     p.add_argument("run_dir", nargs="?", help="llmlab run to export (with --to-hf), or a sharded checkpoint "
                                               "(RUN/last of a --parallel run, with --out)")
@@ -99,7 +85,7 @@ def _compare_parser(sub) -> None:
 def _read_toml(path: str) -> dict[str, Any]:
     """Settings from a TOML file, type-checked against TrainArgs' fields: valid TOML with a wrong
     type (`lr = "abc"`) or a binary file is one clear error, not a traceback later in training."""
-    from llmlab.train import TrainArgs
+    from llmlab.training.args import TrainArgs
     from llmlab.validate import check_fields
 
     try:
@@ -118,36 +104,30 @@ def _read_toml(path: str) -> dict[str, Any]:
     return values
 
 
+def _given_settings(ns: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave: the TOML file's, then the flags' (flags win)."""
+    values = _read_toml(ns.config) if getattr(ns, "config", None) else {}
+    values.update({k: v for k, v in vars(ns).items() if k not in ("command", "config")})
+    return values
+
+
 def train_args(ns: argparse.Namespace):
-    """TrainArgs from the parsed flags over the TOML file over (with --resume) the run's saved
-    settings over the defaults."""
+    """TrainArgs from the flags over the TOML file over the defaults (a resume's saved settings
+    come in at plan_run, under what was given)."""
     from llmlab.training import TrainArgs
 
-    given = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
-    values = _read_toml(ns.config) if getattr(ns, "config", None) else {}
-    values.update(given)
-    if values.get("resume") and values.get("out"):
-        # continue with the run's own settings (data, tokenizer, schedule...); flags given now win
-        from llmlab.checkpoint import read_meta
-
-        for last in (Path(values["out"]) / "last", Path(values["out"]) / ".last.old"):  # .old: train() repairs
-            if (last / "config.json").is_file():
-                values = {**read_meta(last).get("train", {}), **values}
-                break
-    known = {f.name for f in dataclasses.fields(TrainArgs)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise LlmlabError(f"unknown training setting(s) in config: {', '.join(unknown)}")
-    return TrainArgs(**values)
+    return TrainArgs(**_given_settings(ns))
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from llmlab.training import train
+    from llmlab.training import TrainArgs, train
 
-    summary = train(train_args(ns))
+    given = _given_settings(ns)
+    summary = train(TrainArgs(**given), given=given)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return 0
-    print(f"trained to step {summary['step']}: val loss {summary['val_loss']:.4f} "
+    val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
+    print(f"trained to step {summary['step']}: val loss {val} "
           f"(best {summary['best_val_loss']:.4f}), {summary['params'] / 1e6:.2f}M params -> {summary['out']}")
     if "sample" in summary:
         print("--- sample ---")
@@ -155,9 +135,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: str, device: str):
+def _load_run(run_dir: str, device: str, runtime: Optional[dict] = None):
     """Model + tokenizer of a run for sample / eval, every way they can be unusable checked first:
-    device, config, memory, weights that are not finite, a tokenizer that does not fit the model."""
+    device, config, memory, weights that are not finite, a tokenizer that does not fit the model.
+    `runtime`: changes to how the run's model runs (llmlab.runtime)."""
     import torch
 
     from llmlab.checkpoint import load, resolve_checkpoint
@@ -171,7 +152,7 @@ def _load_run(run_dir: str, device: str):
         raise LlmlabError(f"{directory} is a sharded (--parallel) checkpoint: `llmlab convert {directory} "
                           "--out DIR` writes a single one to use here")
     tok = load_tokenizer(directory)
-    model = load(directory, device=dev)
+    model = load(directory, device=dev, runtime=runtime)
     if tok.vocab_size > model.config.vocab_size:
         raise LlmlabError(f"the tokenizer in {directory} has {tok.vocab_size} ids but the model only "
                           f"{model.config.vocab_size}; they do not belong together (retrain or re-convert)")
@@ -184,16 +165,17 @@ def _load_run(run_dir: str, device: str):
 
 
 def cmd_sample(ns: argparse.Namespace) -> int:
+    from llmlab.command_args import RuntimeArgs, SampleArgs, split
     from llmlab.sample import stream_text
 
-    if ns.seed is not None and not 0 <= ns.seed < 2**63:
-        raise LlmlabError(f"--seed must be in [0, 2^63), got {ns.seed}")
-    model, tok = _load_run(ns.run_dir, ns.device)
-    if ns.prompt:
-        tok.encode(ns.prompt)  # a prompt the tokenizer cannot encode fails here, before any output
-        sys.stdout.write(ns.prompt)
-    for piece in stream_text(model, tok, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_k, ns.top_p,
-                             ns.seed, use_cache=False if ns.no_cache else None, compile=ns.compile):
+    a, rt = split(ns, SampleArgs, RuntimeArgs)
+    if a.seed is not None and not 0 <= a.seed < 2**63:
+        raise LlmlabError(f"--seed must be in [0, 2^63), got {a.seed}")
+    model, tok = _load_run(ns.run_dir, a.device, rt.changes())
+    if a.prompt:
+        tok.encode(a.prompt)  # a prompt the tokenizer cannot encode fails here, before any output
+        sys.stdout.write(a.prompt)
+    for piece in stream_text(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -202,27 +184,39 @@ def cmd_sample(ns: argparse.Namespace) -> int:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     from llmlab.checkpoint import read_meta, resolve_checkpoint
+    from llmlab.command_args import EvalArgs, split
     from llmlab.data import encode_corpus, load_text, split_ids
     from llmlab.training.evaluate import consecutive_windows, mean_loss
 
-    model, tok = _load_run(ns.run_dir, ns.device)
-    data = ns.data or read_meta(resolve_checkpoint(ns.run_dir))["train"].get("data")
+    (a,) = split(ns, EvalArgs)
+    model, tok = _load_run(ns.run_dir, a.device)
+    meta = read_meta(resolve_checkpoint(ns.run_dir))
+    data = a.data if a.data is not None else meta["train"].get("data")
+    if a.data is None and data not in (None, "shakespeare") and not Path(data).exists():
+        sha = meta["state"].get("data_sha256")
+        raise LlmlabError(f"this run was trained on {data}{f' (sha256 {sha})' if sha else ''}, which is missing; "
+                          "pass --data PATH to evaluate on a copy of it (or on other text)")
     name, text = load_text(data)
     _, val = split_ids(encode_corpus(text, tok))
     blk = model.config.block_size
-    if min(len(val) - 1, ns.max_tokens) < blk:
+    if min(len(val) - 1, a.max_tokens) < blk:
         raise LlmlabError(f"the validation split of {name} ({len(val)} tokens) is shorter than block_size {blk}")
-    n, batches = consecutive_windows(val, blk, ns.max_tokens, device=model.tok_emb.weight.device)
+    n, batches = consecutive_windows(val, blk, a.max_tokens, device=model.tok_emb.weight.device)
     loss = mean_loss(model, batches)
     print(json.dumps({"data": name, "tokens": n, "val_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3)}))
     return 0
 
 
 def cmd_convert(ns: argparse.Namespace) -> int:
+    from llmlab.fsutil import check_out_path
     from llmlab.training.dcp import is_sharded, to_single
 
+    if ns.to_hf and ns.out:
+        raise LlmlabError("--to-hf DIR is where the export goes; --out does not apply to it: drop one of them")
     if ns.run_dir and ns.out and not ns.to_hf and not ns.from_hf and is_sharded(Path(ns.run_dir)):
-        to_single(Path(ns.run_dir), Path(ns.out))
+        # the single-process rules: never into a run, a checkpoint, a non-empty folder or over a file
+        out = check_out_path(ns.out, "--out", directory=True)
+        to_single(Path(ns.run_dir), out)
         print(f"converted {ns.run_dir} -> {ns.out} (a single safetensors checkpoint)")
         return 0
     try:
@@ -283,6 +277,16 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert
             "compare": cmd_compare}
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so Python's final flush at exit cannot fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (pytest's capture): nothing to flush
+        pass
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         if argv is not None and any("\0" in str(a) for a in argv):  # no OS path may hold one
@@ -292,7 +296,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             from llmlab.threads import use_free_cores
 
             use_free_cores()  # one torch thread per core no other process holds (why: llmlab/threads.py)
-        return COMMANDS[ns.command](ns)
+        code = COMMANDS[ns.command](ns)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, inside the handlers below
+        return code
+    except BrokenPipeError:  # `llmlab sample ... | head -c 1`: the reader has what it wanted
+        _silence_stdout()
+        return 0
+    except OSError as e:  # an unexpected I/O failure (`> /dev/full`): one line, never a traceback
+        _silence_stdout()
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     except LlmlabError as e:  # one line, whatever the message holds (a path with a newline, ...)
         from llmlab.training.loop import RankError
 
@@ -301,8 +314,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             msg = one_line(e, limit=2000)
             print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training says where it stopped and how to continue
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

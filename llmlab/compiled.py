@@ -58,9 +58,11 @@ COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
 
-def _decode_step(model, tok: torch.Tensor, cache, slot: torch.Tensor) -> torch.Tensor:
-    """tok (B, 1) at cache slot `slot` (1,) -> its next-token logits (B, vocab)."""
-    return model(tok, cache, slot)[:, -1]
+def _decode_step(model, tok: torch.Tensor, cache, slot: torch.Tensor, fused: bool) -> torch.Tensor:
+    """tok (B, 1) at cache slot `slot` (1,) -> its next-token logits (B, vocab). The cache's host
+    work for this step (a paged cache's block placement) was done before: this only reads tensors."""
+    step = cache.begin(slot, tok.shape[0], prefill=False, fused=fused)
+    return model(tok, step=step)[:, -1]
 
 
 def _compile_for_one_model() -> Callable:
@@ -96,11 +98,10 @@ class DecodeStep:
     decode step on `cache`, through torch.compile when `compile` is set (eager if that fails).
 
     The token and slot are copied into tensors owned here, so every call sees the same input
-    tensors and the compiled graph is reused without recompiling."""
+    tensors and the compiled graph is reused without recompiling. Compiled, one-token attention is
+    computed as fused reductions (the step's `fused` flag), which inductor turns into a few loops."""
 
     def __init__(self, model, cache, compile: bool = False):
-        # a paged cache decodes through its own fused kernel: nothing for torch.compile to fuse
-        compile = compile and getattr(cache, "compilable", True)
         device = model.tok_emb.weight.device
         self.model, self.cache = model, cache
         self.tok = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
@@ -108,18 +109,20 @@ class DecodeStep:
         self.fn = _step_for(model) if compile else _decode_step
         self.calls = 0
         self.compile = compile
-        cache.fused_decode = compile  # attention computes one-token steps as fused reductions
-        if compile and cache.max_len > 1:  # (a length-1 axis is always specialised by dynamo)
+        if compile:  # (a length-1 axis is always specialised by dynamo)
             for tensor, dim in cache.length_axes():
-                torch._dynamo.mark_dynamic(tensor, dim)
+                if tensor.shape[dim] > 1:
+                    torch._dynamo.mark_dynamic(tensor, dim)
 
     def __call__(self, tok: torch.Tensor, slot: int) -> torch.Tensor:
-        self.tok.copy_(tok.view(-1, 1))
+        b = tok.shape[0]
+        self.tok[:b].copy_(tok.view(-1, 1))
         self.slot.fill_(slot)
+        self.cache.prepare(slot, 1, b)  # host bookkeeping, outside the (compiled) step
         # After the first call, whose full guard check picked (or compiled) the graph, the inputs
         # are the same tensors: skip re-evaluating the guards (~0.2-0.3 ms a token on a small CPU model).
         skip = self.compile and self.calls
         stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if skip else nullcontext()
         self.calls += 1
         with stance:
-            return self.fn(self.model, self.tok, self.cache, self.slot)
+            return self.fn(self.model, self.tok[:b], self.cache, self.slot, self.compile)

@@ -58,31 +58,65 @@ def atomic_write_json(path: PathLike, obj: Any, **dump_kw: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, **dump_kw) + "\n").encode("utf-8"))
 
 
-def write_dir_atomically(target: PathLike, write: Callable[[Path], None]) -> None:
-    """Build directory `target` in a temp sibling (`write(tmp)` fills it), then swap it in with
-    renames. At every instant either the old or the new directory is complete (a reader may also
-    find the previous one as `.NAME.old` for the instant between the two renames)."""
+def tmp_dir_for(target: PathLike) -> Path:
+    """The temporary sibling a directory is built in before it is swapped into place."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp"
+    return target.parent / f".{target.name}.tmp"
+
+
+def fresh_dir(path: PathLike) -> Path:
+    """An empty directory at `path` (what was there, a leftover of a killed write, is removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    return path
+
+
+def write_json(path: PathLike, obj: Any) -> None:
+    """Plain JSON write, for files inside a directory that is swapped into place as a whole."""
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
+
+
+def seal_dir(tmp: PathLike) -> None:
+    """Give every file under `tmp` the umask's mode and flush it to disk."""
+    mode = file_mode()
+    for f in Path(tmp).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)  # some writers (safetensors, mkstemp) create 0600 files
+            _fsync(f)
+
+
+def replace_dir(tmp: PathLike, target: PathLike) -> None:
+    """Rename the finished `tmp` to `target`; the old `target` is `.NAME.old` for the instant
+    between the two renames (llmlab.training.rundir.recover restores it after a kill there)."""
+    tmp, target = Path(tmp), Path(target)
     old = target.parent / f".{target.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        mode = file_mode()
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                os.chmod(f, mode)  # some writers (safetensors, mkstemp) create 0600 files
-                _fsync(f)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def swap_dir_into_place(tmp: PathLike, target: PathLike) -> None:
+    seal_dir(tmp)
+    replace_dir(tmp, target)
+
+
+def write_dir_atomically(target: PathLike, write: Callable[[Path], None]) -> None:
+    """Build directory `target` in a temp sibling (`write(tmp)` fills it), then swap it in with
+    renames. At every instant either the old or the new directory is complete (a reader may also
+    find the previous one as `.NAME.old` for the instant between the two renames)."""
+    tmp = fresh_dir(tmp_dir_for(target))
+    try:
+        write(tmp)
+        seal_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, target)
 
 
 def check_out_path(path: PathLike, flag: str, *, directory: bool, allow_existing: bool = False) -> Path:
@@ -91,7 +125,13 @@ def check_out_path(path: PathLike, flag: str, *, directory: bool, allow_existing
     `allow_existing`) a non-empty directory, which would be overwritten."""
     if path is None or str(path).strip() == "":
         raise LlmlabError(f"{flag} is empty; pass a path")
-    p = Path(path).expanduser()
+    try:
+        return _check_out_path(Path(path).expanduser(), flag, directory, allow_existing)
+    except OSError as e:  # a name too long for the filesystem, a loop of links, ...
+        raise LlmlabError(f"{flag} {path}: {one_line(e)}; pass another path") from None
+
+
+def _check_out_path(p: Path, flag: str, directory: bool, allow_existing: bool) -> Path:
     if p.exists():
         if directory and not p.is_dir():
             raise LlmlabError(f"{flag} {p} is a file, not a directory; pass a new directory")

@@ -25,7 +25,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     """logits (B, V) -> next ids (B,). temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # shifted so the largest is 0 and divided in float64: a tiny temperature (1e-300, which float32
+    # rounds to 0) sends the others to -inf (greedy in the limit) instead of the probabilities to NaN
+    logits = logits.double()
+    logits = ((logits - logits.max(dim=-1, keepdim=True).values) / temperature).float()
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -40,73 +43,104 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check_args(temperature, top_k, top_p, max_new_tokens, seed=None) -> None:
-    if not (temperature >= 0 and math.isfinite(temperature)):  # NaN fails every comparison
-        raise LlmlabError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise LlmlabError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise LlmlabError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0:
-        raise LlmlabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if seed is not None and not 0 <= seed < 2**63:
-        raise LlmlabError(f"seed must be in [0, 2^63), got {seed}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not (temperature >= 0 and math.isfinite(temperature)):  # NaN fails every comparison
+        raise LlmlabError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and not (_is_int(top_k) and top_k >= 1):
+        raise LlmlabError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise LlmlabError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
+        raise LlmlabError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
+        raise LlmlabError(f"seed must be an integer in [0, 2^63), got {seed!r}")
 
 
 def _check_cache_fits(model, batch: int, max_len: int) -> None:
-    """Refuse a KV cache that cannot fit in memory before allocating it (a huge max_new_tokens on a
-    model whose positions never run out would otherwise end in an allocation traceback or an
-    out-of-memory kill). Keys + values of every layer, in the model's dtype."""
-    from llmlab.checkpoint import _free_memory_bytes
+    """Refuse a cache that cannot fit in memory before allocating it (a huge max_new_tokens on a
+    model whose positions never run out would otherwise end in an out-of-memory kill)."""
+    from llmlab import memory
 
-    cfg = model.config
-    elem = model.tok_emb.weight.element_size()
-    need = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * batch * max_len * elem
-    free = _free_memory_bytes() if model.tok_emb.weight.device.type == "cpu" else None
-    if free is not None and need > free:
-        raise LlmlabError(f"a KV cache for {max_len:,} positions needs about {need / 2**30:.1f} GiB but only "
-                          f"{free / 2**30:.1f} GiB of memory is free; ask for fewer new tokens")
+    weight = model.tok_emb.weight
+    need = memory.cache_bytes(model.config, batch, max_len, weight.element_size())
+    memory.check_fits(need, f"a cache for {max_len:,} positions", "ask for fewer new tokens", weight.device.type)
 
 
-def _left_pad(prompts: Prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids, left-padded with 0, and each row's padding (B,)."""
+def _left_pad(prompts: Prompts, vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids, left-padded with 0, and each row's padding (B,); prompts checked first: at least
+    one token each, integer ids inside the vocabulary."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
             prompts = prompts[None]
-        return prompts.to(device), torch.zeros(prompts.shape[0], dtype=torch.long, device=device)
-    rows = [torch.as_tensor(list(p), dtype=torch.long) for p in prompts]
-    if not rows or min(len(r) for r in rows) == 0:
-        raise LlmlabError("every prompt needs at least one token")
-    t = max(len(r) for r in rows)
-    idx = torch.zeros(len(rows), t, dtype=torch.long)
-    for i, r in enumerate(rows):
-        idx[i, t - len(r):] = r
-    pad = torch.tensor([t - len(r) for r in rows], dtype=torch.long)
+        if prompts.dim() != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
+            raise LlmlabError(f"prompts must be a (batch, tokens) tensor with at least one token, got shape "
+                              f"{tuple(prompts.shape)}")
+        if prompts.dtype.is_floating_point or prompts.dtype.is_complex or prompts.dtype == torch.bool:
+            raise LlmlabError(f"prompt ids must be integers, got a {prompts.dtype} tensor")
+        idx, pad = prompts.long(), torch.zeros(prompts.shape[0], dtype=torch.long)
+    else:
+        try:
+            rows = [[int(t) if _is_int(t) or isinstance(t, torch.Tensor) and t.dim() == 0 else None for t in p]
+                    for p in prompts]
+        except TypeError:
+            raise LlmlabError("prompts must be a tensor or a list of token-id lists") from None
+        if not rows or min(len(r) for r in rows) == 0:
+            raise LlmlabError("every prompt needs at least one token")
+        if any(t is None for r in rows for t in r):
+            raise LlmlabError("prompt ids must be integers")
+        t = max(len(r) for r in rows)
+        idx = torch.zeros(len(rows), t, dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, t - len(r):] = torch.tensor(r, dtype=torch.long)
+        pad = torch.tensor([t - len(r) for r in rows], dtype=torch.long)
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= vocab_size:
+        raise LlmlabError(f"prompt ids must be in [0, {vocab_size}) (the model's vocabulary), got {lo if lo < 0 else hi}")
     return idx.to(device), pad.to(device)
+
+
+def decode_runtime(model, use_cache: Optional[bool] = None, compile: Optional[bool] = None,
+                   cache: Optional[str] = None):
+    """The model's runtime with generate()'s keyword overrides (`use_cache=False` is cache 'none';
+    `use_cache=True` keeps the runtime's cache kind, or dense where the runtime recomputes)."""
+    changes: dict = {}
+    if cache is not None:
+        changes["cache"] = cache
+    elif use_cache is not None and use_cache != model.runtime.uses_cache:
+        changes["cache"] = "dense" if use_cache else "none"
+    if compile is not None:
+        changes["compile"] = compile
+    rt = model.runtime.changed(**changes)
+    rt.validate(model.config)
+    return rt
 
 
 @torch.no_grad()
 def stream(model, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
            stop_tokens: Sequence[int] = (), use_cache: Optional[bool] = None,
-           compile: bool = False) -> Iterator[torch.Tensor]:
+           compile: Optional[bool] = None, cache: Optional[str] = None) -> Iterator[torch.Tensor]:
     """Yield each step's new tokens (B,). Rows that produced a stop token keep repeating it; the
-    stream ends when every row has stopped or after max_new_tokens steps. compile=True runs the
-    cached one-token step through torch.compile (llmlab.compiled): the first call compiles
-    (seconds), later steps and generations of the same shapes are several times faster."""
+    stream ends when every row has stopped or after max_new_tokens steps. The cache kind and
+    compile default to the model's runtime (llmlab.runtime): basic/flash recompute (as nanoGPT),
+    later rungs cache (dense, or paged for flash_mla); `cache` ('none', 'dense', 'paged') or
+    `use_cache` override it. compile=True runs the cached one-token step through torch.compile
+    (llmlab.compiled): the first call compiles (seconds), later steps and generations of the same
+    shapes are several times faster."""
     _check_args(temperature, top_k, top_p, max_new_tokens, seed)
-    if use_cache is None:  # the rung decides: basic/flash recompute (as nanoGPT), later rungs cache
-        use_cache = compile or model.config.use_cache
-    if compile and not use_cache:
-        raise LlmlabError("compile=True (--compile) compiles the cached decode step; it cannot be combined "
-                           "with use_cache=False (--no-cache)")
+    rt = decode_runtime(model, use_cache, compile, cache)
     device = model.tok_emb.weight.device
-    idx, pad = _left_pad(prompts, device)
+    idx, pad = _left_pad(prompts, model.config.vocab_size, device)
     gen = torch.Generator(device=device)
     # no seed: fresh entropy, without reseeding torch's global RNG as torch.seed() would
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     stops = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
-    steps = _cached_logits(model, idx, pad, max_new_tokens, compile) if use_cache else \
+    steps = _cached_logits(model, idx, pad, max_new_tokens, rt.cache, rt.compile) if rt.uses_cache else \
         _recomputed_logits(model, idx, pad)
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
     was_training = model.training
@@ -127,34 +161,39 @@ def stream(model, prompts: Prompts, max_new_tokens: int, temperature: float = 1.
         model.train(was_training)
 
 
-def _cached_logits(model, idx, pad, max_new_tokens, compile: bool = False):
+def _cached_logits(model, idx, pad, max_new_tokens, kind: str = "dense", compile: bool = False):
     """Coroutine: yields last-position logits (B, V); is sent each new token (B,)."""
     b, t0 = idx.shape
     window = model.pos.max_positions  # None: positions never run out
     total = t0 + max_new_tokens
     max_len = total if window is None else min(total, window)
     _check_cache_fits(model, b, max_len)
-    cache = model.new_cache(b, max_len)
+    cache = model.new_cache(b, max_len, kind=kind)
     step = DecodeStep(model, cache, compile)
-    tokens = torch.empty(b, total, dtype=torch.long, device=idx.device)
-    tokens[:, :t0] = idx
-    slots = torch.arange(max_len, device=idx.device)
+    # the last max_len tokens (a rolling window once learned positions run out): never the whole
+    # output, which a huge max_new_tokens would make huge
+    kept = min(t0, max_len)
+    tokens = torch.empty(b, max_len, dtype=torch.long, device=idx.device)
+    tokens[:, :kept] = idx[:, t0 - kept:]
+    pad = (pad - (t0 - kept)).clamp_min(0)
 
     def prefill(n: int) -> torch.Tensor:
-        """Feed tokens[:, start:n] into slots 0.. of the cache (start > 0 once the window rolls)."""
-        start = max(0, n - max_len)
-        cache.set_padding((pad - start).clamp_min(0))
-        return model(tokens[:, start:n], cache, slots[: n - start])[:, -1]
+        """Feed tokens[:, :n] into slots 0.. of the cache."""
+        cache.set_padding(pad)
+        return model(tokens[:, :n], cache, 0)[:, -1]
 
-    n = t0
+    n = kept
     logits = prefill(n)
     while True:
         nxt = yield logits
-        tokens[:, n] = nxt
-        n += 1
-        if n <= max_len:  # room left: one-token decode step at slot n-1
-            logits = step(nxt, n - 1)
+        if n < max_len:  # room left: one-token decode step at slot n
+            tokens[:, n] = nxt
+            logits = step(nxt, n)
+            n += 1
         else:  # learned positions ran out: roll the window by re-prefilling the last max_len tokens
+            tokens[:, :-1] = tokens[:, 1:].clone()
+            tokens[:, -1] = nxt
+            pad = (pad - 1).clamp_min(0)
             logits = prefill(n)
 
 
@@ -171,15 +210,16 @@ def _recomputed_logits(model, idx, pad):
 
 def generate(model, idx: Prompts, max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-             stop_tokens: Sequence[int] = (), use_cache: Optional[bool] = None, compile: bool = False):
-    """Continue each prompt by up to max_new_tokens tokens (compile: see `stream`).
+             stop_tokens: Sequence[int] = (), use_cache: Optional[bool] = None, compile: Optional[bool] = None,
+             cache: Optional[str] = None):
+    """Continue each prompt by up to max_new_tokens tokens (cache kind and compile: see `stream`).
 
     idx: a LongTensor (B, T) -> returns (B, T + n); or a list of prompts of different lengths ->
     returns a list of 1-D tensors (prompt + continuation), each equal to generating it alone.
     """
     ragged = not isinstance(idx, torch.Tensor)
     new = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, use_cache,
-                      compile))
+                      compile, cache))
     device = model.tok_emb.weight.device
     out_new = torch.stack(new, dim=1) if new else torch.empty(len(idx), 0, dtype=torch.long, device=device)
     if ragged:

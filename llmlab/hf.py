@@ -1,5 +1,5 @@
-"""Hugging Face interop: GPT-2, Llama, Qwen2 and DeepSeek-V2 (dense MLA, see hf_deepseek.py)
-checkpoints <-> the generic llmlab Transformer.
+"""Hugging Face interop: GPT-2, Llama, Qwen2 and DeepSeek-V2/V3 (MLA, dense or MoE: see
+hf_deepseek.py) checkpoints <-> the generic llmlab Transformer.
 
 Conversion is two small steps: the HF config becomes a ModelConfig (or the reverse), and the weights
 are renamed by one table per architecture. A table row is (our name, HF name(s), transposed?):
@@ -13,7 +13,8 @@ are renamed by one table per architecture. A table row is (our name, HF name(s),
 
 A bias that exists on one side only is filled with zeros when the other side lacks it (e.g. a
 bias=False nanoGPT exported as GPT-2, which always has biases): the function is unchanged. A bias
-that would have to be dropped while non-zero is an error, never a silent loss.
+that would have to be dropped while non-zero is an error, never a silent loss. Zero-size tensors
+(DeepSeek's shared experts when there are none) carry nothing and need no counterpart.
 
 Only safetensors are read (HF's loader is called with use_safetensors=True) and written
 (save_pretrained writes safetensors in transformers 5.x). `transformers` is imported lazily.
@@ -31,12 +32,14 @@ from llmlab.checkpoint import load, read_meta, resolve_checkpoint, save_checkpoi
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
 from llmlab.fsutil import check_out_path, one_line, write_dir_atomically
-from llmlab.hf_deepseek import (config_from_deepseek, config_to_deepseek, rope_to_adjacent_pairs,
+from llmlab.hf_deepseek import ARCHS as DEEPSEEK
+from llmlab.hf_deepseek import (config_from_deepseek, config_to_deepseek, interleaved, rope_to_adjacent_pairs,
                                 rope_to_half_split)
 from llmlab.hf_deepseek import rows as deepseek_rows
 from llmlab.model import Transformer
+from llmlab.runtime import Runtime, split_legacy
 
-ARCHS = ("gpt2", "llama", "qwen2", "deepseek_v2")
+ARCHS = ("gpt2", "llama", "qwen2") + DEEPSEEK
 GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "gelu_python": "gelu"}
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 Row = tuple[str, tuple[str, ...], bool]
@@ -67,11 +70,14 @@ def _rope_theta(c) -> float:
     if float(params.get("partial_rotary_factor") or 1.0) != 1.0:
         raise LlmlabError(f"{c.model_type}: partial rotary embeddings are not supported")
     theta = params.get("rope_theta", getattr(c, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
+    try:
+        return float(theta if theta is not None else 10000.0)
+    except (TypeError, ValueError):
+        raise LlmlabError(f"{c.model_type}: rope_theta {theta!r} is not a number") from None
 
 
 def config_from_hf(c) -> ModelConfig:
-    """The ModelConfig of an HF GPT-2 / Llama / Qwen2 / DeepSeek-V2 config (dropout 0: override it to fine-tune)."""
+    """The ModelConfig of an HF GPT-2 / Llama / Qwen2 / DeepSeek-V2/V3 config (dropout 0: override it to fine-tune)."""
     arch = getattr(c, "model_type", None)
     if arch not in ARCHS:
         raise LlmlabError(f"unsupported Hugging Face model_type {arch!r}; llmlab converts: {', '.join(ARCHS)}")
@@ -85,9 +91,9 @@ def config_from_hf(c) -> ModelConfig:
             vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
             n_embd=c.n_embd, intermediate_size=c.n_inner if c.n_inner not in (None, 4 * c.n_embd) else None,
             dropout=0.0, bias=True, tie_embeddings=bool(c.tie_word_embeddings), attention="mha",
-            attn_backend="sdpa", position="learned", norm="layernorm", norm_eps=c.layer_norm_epsilon,
+            position="learned", norm="layernorm", norm_eps=c.layer_norm_epsilon,
             mlp=GPT2_ACTS[act])
-    if arch == "deepseek_v2":  # MLA + RoPE + RMSNorm + SwiGLU (dense layers only)
+    if arch in DEEPSEEK:  # MLA + RoPE + RMSNorm + SwiGLU / MoE
         return config_from_deepseek(c, _rope_theta(c))
     # llama / qwen2: pre-norm RMSNorm + RoPE + SwiGLU
     if c.hidden_act not in ("silu", "swish"):
@@ -109,7 +115,7 @@ def config_from_hf(c) -> ModelConfig:
         n_embd=c.hidden_size, head_dim=None if hd == c.hidden_size // c.num_attention_heads else hd,
         intermediate_size=c.intermediate_size, dropout=0.0, bias=bias,
         qkv_bias=None if qkv_bias == bias else qkv_bias, tie_embeddings=bool(c.tie_word_embeddings),
-        attention="mha", attn_backend="sdpa", position="rope", rope_theta=theta, norm="rmsnorm",
+        attention="mha", position="rope", rope_theta=theta, norm="rmsnorm",
         norm_eps=c.rms_norm_eps, mlp="swiglu")
 
 
@@ -120,7 +126,10 @@ def config_to_hf(cfg: ModelConfig):
     no_ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # the model does not know them
     try:
         if cfg.attention == "mla":
-            return "deepseek_v2", config_to_deepseek(tf, cfg, no_ids)
+            return config_to_deepseek(tf, cfg, no_ids)
+        if cfg.mlp == "moe":
+            raise LlmlabError("cannot export to Hugging Face: mlp='moe' maps to DeepSeek-V2/V3, which need "
+                              f"attention='mla' (this model has attention={cfg.attention!r}; e.g. preset deepseek)")
         if cfg.attention != "mha":
             raise LlmlabError(f"cannot export to Hugging Face: attention={cfg.attention!r} has no HF equivalent")
         if cfg.position == "learned" and cfg.norm == "layernorm" and cfg.mlp in ("gelu", "gelu_tanh"):
@@ -156,8 +165,8 @@ def config_to_hf(cfg: ModelConfig):
 def _rows(arch: str, config: ModelConfig) -> list[Row]:
     """(our key, HF keys, transposed) for every tensor of one architecture."""
     n_layer = config.n_layer
-    if arch == "deepseek_v2":
-        return deepseek_rows(n_layer, bool(config.q_lora_rank))
+    if arch in DEEPSEEK:
+        return deepseek_rows(config)
     if arch == "gpt2":
         rows: list[Row] = [("tok_emb.weight", ("transformer.wte.weight",), False),
                            ("pos.weight", ("transformer.wpe.weight",), False)]
@@ -215,10 +224,13 @@ def _remap(src: dict[str, torch.Tensor], rows: list[Row], target: dict[str, torc
                 raise LlmlabError(f"weight {k} has shape {tuple(p.shape)} in the source but {tuple(target[k])} "
                                   "in the model built from the config (check the overrides)")
             out[k] = p.contiguous()
-    left = sorted(set(src) - used)
+    left = sorted(k for k in set(src) - used if src[k].numel())
     if left:
         raise LlmlabError(f"{len(left)} weight(s) have no llmlab equivalent (e.g. {left[0]}); "
                           "the model uses a feature llmlab does not convert")
+    for k in set(target) - set(out):
+        if not target[k].numel():  # zero-size: nothing to carry
+            out[k] = torch.zeros(target[k])
     missing = sorted(set(target) - set(out))
     if missing:
         raise LlmlabError(f"no source weight for {missing[0]} ({len(missing)} missing)")
@@ -231,7 +243,8 @@ def _hf_classes(tf, arch: str):
     Auto* factories, which could resolve a directory's `auto_map` to code shipped inside it."""
     return {"gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
             "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-            "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM)}[arch]
+            "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
+            "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM)}[arch]
 
 
 def _plain_json(path: Path) -> dict:
@@ -280,7 +293,8 @@ def _load_hf_dir(path: Path):
         raise LlmlabError(f"unsupported Hugging Face model_type {arch!r}{extra}; llmlab converts: {', '.join(ARCHS)}")
     config_cls, model_cls = _hf_classes(tf, arch)
     try:
-        hf_config = config_cls.from_pretrained(str(path), local_files_only=True)
+        # llmlab chooses the attention implementation: a name in config.json (a hub kernel, which is code) is never honoured
+        hf_config = config_cls.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
     except Exception as e:  # transformers raises several types for a bad config.json
         raise LlmlabError(f"{path}/config.json is not a loadable Hugging Face config ({one_line(e)})") from None
     config_from_hf(hf_config)  # fail on unsupported models before reading any weights
@@ -289,7 +303,7 @@ def _load_hf_dir(path: Path):
         dtype_kw = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.x
         model, info = model_cls.from_pretrained(
             str(path), config=hf_config, use_safetensors=True, local_files_only=True, trust_remote_code=False,
-            output_loading_info=True, **{dtype_kw: torch.float32})
+            output_loading_info=True, attn_implementation="eager", **{dtype_kw: torch.float32})
     except Exception as e:
         raise LlmlabError(f"cannot load the Hugging Face model in {path} ({one_line(e)})") from None
     bad = sorted(set(info.get("missing_keys", ())) | {m[0] for m in info.get("mismatched_keys", ())})
@@ -299,8 +313,9 @@ def _load_hf_dir(path: Path):
 
 
 def from_hf(path_or_model: Union[str, os.PathLike, Any], **overrides: Any) -> Transformer:
-    """An llmlab Transformer (fp32, eval mode) from a local HF GPT-2 / Llama / Qwen2 / DeepSeek-V2 directory or an
-    already loaded `*ForCausalLM` model. `overrides` replace config fields (e.g. attn_backend="manual")."""
+    """An llmlab Transformer (fp32, eval mode) from a local HF GPT-2 / Llama / Qwen2 / DeepSeek-V2/V3 directory or
+    an already loaded `*ForCausalLM` model. `overrides` replace config fields (e.g. n_layer=2); the
+    runtime is llmlab's default (sdpa, dense cache): `model.use_runtime(...)` changes it."""
     if isinstance(path_or_model, (str, os.PathLike)):
         hf_model = _load_hf_dir(Path(path_or_model))
     else:
@@ -309,10 +324,11 @@ def from_hf(path_or_model: Union[str, os.PathLike, Any], **overrides: Any) -> Tr
             raise LlmlabError(f"from_hf needs a directory or a transformers model, got {type(hf_model).__name__}")
         if hasattr(hf_model, "get_output_embeddings") and hf_model.get_output_embeddings() is None:
             raise LlmlabError(f"from_hf needs a *ForCausalLM model (with its LM head), got {type(hf_model).__name__}")
+    overrides, legacy = split_legacy(overrides)  # attn_backend= / use_cache= of earlier versions: runtime
     config = config_from_hf(hf_model.config).replace(**overrides)
-    model = Transformer(config)
+    model = Transformer(config, Runtime.from_dict(legacy))
     src = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}
-    if hf_model.config.model_type == "deepseek_v2":
+    if hf_model.config.model_type in DEEPSEEK and interleaved(hf_model.config):
         src = rope_to_half_split(src, config)
     target = {k: v.shape for k, v in model.state_dict().items()}
     try:
@@ -339,7 +355,7 @@ def to_hf(model: Union[Transformer, str, os.PathLike], out_dir: Union[str, os.Pa
     target = {k: v.shape for k, v in hf_model.state_dict().items()}
     src = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     weights = _remap(src, _rows(arch, model.config), target, to_hf=True)
-    if arch == "deepseek_v2":
+    if arch in DEEPSEEK:  # exported with adjacent rope pairs (V3: rope_interleave=True), as DeepSeek's own
         weights = rope_to_adjacent_pairs(weights, model.config)
     hf_model.load_state_dict(weights, strict=True)
     out = check_out_path(out_dir, "the Hugging Face output directory", directory=True)

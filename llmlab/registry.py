@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-# kind (a ModelConfig field) -> {name: builder}. Filled when llmlab.model is imported (`import llmlab`
-# does that first), so this module imports nothing of llmlab and imports flow one way.
-REGISTRY: dict[str, dict[str, Any]] = {"attention": {}, "attn_backend": {}, "position": {}, "norm": {}, "mlp": {}}
+# kind -> {name: builder}: the ModelConfig fields that pick parts (attention, position, norm, mlp)
+# and the Runtime's attention implementations ("attention_impl"). Filled when llmlab.model is
+# imported (`import llmlab` does that first), so this module imports nothing of llmlab and imports
+# flow one way.
+REGISTRY: dict[str, dict[str, Any]] = {"attention": {}, "attention_impl": {}, "position": {}, "norm": {}, "mlp": {}}
 
 
 def register(kind: str, *names: str) -> Callable[[Any], Any]:

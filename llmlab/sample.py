@@ -25,7 +25,8 @@ def encode_prompt(tokenizer, prompt: Optional[str]) -> list[int]:
 
 def stream_text(model, tokenizer, prompt: Optional[str], max_new_tokens: int, temperature: float = 0.8,
                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                use_cache: Optional[bool] = None, compile: bool = False) -> Iterator[str]:
+                use_cache: Optional[bool] = None, compile: Optional[bool] = None,
+                cache: Optional[str] = None) -> Iterator[str]:
     """Yield decoded text as tokens arrive. A multi-byte character split across tokens is held back
     until it is complete (decoding it early would print a replacement character)."""
     ids = encode_prompt(tokenizer, prompt)
@@ -33,7 +34,7 @@ def stream_text(model, tokenizer, prompt: Optional[str], max_new_tokens: int, te
     new: list[int] = []
     shown = ""
     for tok in stream(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, seed,
-                      stop_tokens=stops, use_cache=use_cache, compile=compile):
+                      stop_tokens=stops, use_cache=use_cache, compile=compile, cache=cache):
         t = int(tok[0])
         if t in stops:
             break

@@ -23,6 +23,7 @@ TOKENIZER_FILE = "tokenizer.json"
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_BPE_VOCAB = 1024
 _MIN_BPE_VOCAB = 257  # the 256 byte symbols of the initial alphabet + <|endoftext|>
+_MAX_BPE_VOCAB = 1 << 20
 
 
 class Tokenizer(ABC):
@@ -192,6 +193,8 @@ class BPETokenizer(Tokenizer):
                 f"BPE vocab size {vocab_size} is too small; use at least {_MIN_BPE_VOCAB} "
                 f"(256 byte symbols + {EOS_TOKEN})"
             )
+        if vocab_size > _MAX_BPE_VOCAB:  # the Rust trainer aborts the process past its limits
+            raise LlmlabError(f"BPE vocab size {vocab_size:,} is too large; use at most {_MAX_BPE_VOCAB:,}")
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()

@@ -48,6 +48,15 @@ def tiny(**kw):
     return preset_config(name, **sizes)
 
 
+def tiny_model(**kw):
+    """Transformer(tiny(**kw)) running with its preset's runtime (basic: manual attention and no
+    cache, flash_mla: the paged kernel...), as the preset's own runs do."""
+    from llmlab.model import Transformer
+    from llmlab.presets import preset_runtime
+
+    return Transformer(tiny(**kw), preset_runtime(kw.get("preset", "flash")))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -79,12 +79,13 @@ def test_decode_bench_help(capsys):
 def test_cache_bytes_per_token_equals_formula_for_every_preset():
     """Measured bytes vs the formula written out here from each preset's config (fp32)."""
     from llmlab import preset_config
+    from llmlab.presets import preset_runtime
 
     rows = {r["name"]: r for r in bench.cache_bytes_rows()}
     assert {"mqa", "gqa", "naive_mla", "rope_mla"} <= set(rows)
     for name, r in rows.items():
         c = preset_config(name, n_layer=bench.N_LAYER, n_embd=bench.N_EMBD, n_head=bench.N_HEAD)
-        if not c.use_cache:  # basic, flash: generation recomputes, nothing is cached
+        if not preset_runtime(name).uses_cache:  # basic, flash: generation recomputes, nothing is cached
             assert r["measured"] is None and r["formula"] is None, r
             continue
         per_layer = c.latent_dim + c.rope_head_dim if c.attention == "mla" else 2 * c.kv_heads * c.head_size

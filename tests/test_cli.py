@@ -69,7 +69,7 @@ def test_config_file_values_and_flag_override(capsys, tmp_path):
 @pytest.mark.parametrize("argv, words", [
     (["--preset", "nope"], ["unknown preset 'nope'", "llmlab presets"]),
     (["--data", "/no/such/file.txt"], ["data file not found", "/no/such/file.txt"]),
-    (["--lr", "-1"], ["--lr must be positive"]),
+    (["--lr", "-1"], ["--lr must be a finite number > 0"]),
     (["--n-embd", "30", "--n-head", "4"], ["divisible by n_head"]),
     (["--block-size", "512", "--data", "SMALL"], ["block size 512", "lower --block-size"]),
     (["--max-iters", "-3"], ["--max-iters"]),

@@ -14,7 +14,7 @@ from llmlab.checkpoint import save_checkpoint
 from llmlab.cli import main
 from llmlab.tokenizer import ByteTokenizer
 
-from conftest import tiny
+from conftest import tiny, tiny_model
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -24,7 +24,7 @@ FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     run = root / "run"
-    save_checkpoint(run / "last", llmlab.Transformer(tiny(vocab_size=256, block_size=16)).eval(), ByteTokenizer())
+    save_checkpoint(run / "last", tiny_model(vocab_size=256, block_size=16).eval(), ByteTokenizer())
     (run / "metrics.jsonl").write_text('{"step": 0, "loss": 5.5}\n')
     (root / "file").write_text("x")
     return {"run": str(run), "file": str(root / "file"), "root": root}

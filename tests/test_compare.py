@@ -184,6 +184,8 @@ def test_second_run_trains_and_times_nothing_again(capsys, compared, corpus):
     (["--presets", "basic", "--contexts", "8,x"], ["--contexts"]),
     (["--presets", "basic", "--seeds", "0"], ["--seeds"]),
     (["--presets", "basic", "--jobs", "0"], ["--jobs"]),
+    (["--presets", "basic", "--contexts", "10000000"], ["within"]),
+    (["--presets", "basic", "--rounds", "1000000"], ["--rounds"]),
 ])
 def test_bad_input_is_one_line(capsys, tmp_path, argv, words):
     code, _, err = run(capsys, "compare", "--out", tmp_path / "c", *argv, "--block-size", "16", "--quiet")
@@ -207,6 +209,14 @@ def test_every_setting_is_a_flag_with_help(capsys):
     for f in dataclasses.fields(CompareSettings):
         assert flag_name(f.name) in text, f.name
         assert " ".join(f"(default: {default_text(f)})".split()) in text, f.name
+
+
+def test_nothing_but_mean_loss_evaluates():
+    """One evaluation: the only model.loss() outside training's step is evaluate.mean_loss."""
+    root = Path(__file__).resolve().parents[1]
+    users = sorted(str(p.relative_to(root)) for d in ("llmlab", "benchmarks") for p in (root / d).rglob("*.py")
+                   if re.search(r"\.loss\(", p.read_text()) and not p.name.startswith("mutation"))  # they quote code
+    assert users == ["llmlab/training/evaluate.py", "llmlab/training/parallel.py"]  # parallel: the training loss
 
 
 # ---- the output folder is compare's own -----------------------------------------------------------

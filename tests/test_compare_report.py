@@ -39,11 +39,11 @@ def test_spread_and_noise_against_hand_computed_values():
 
 
 def entry(name, preset, val, cache=None, rung=True, variants=("own",), rounds=(), tokens=(1, 2, 3), **over):
+    from llmlab.compare.runtime import preset_recorded
     from llmlab.model import Transformer
 
-    cfg = preset_config(preset, **SIZES | over)
-    params = Transformer(cfg).num_params()
-    cfg = cfg.to_dict()
+    params = Transformer(preset_config(preset, **SIZES | over)).num_params()
+    cfg = preset_recorded(preset, **SIZES | over)  # the model's fields and its runtime's, as compare records them
     return {"name": name, "preset": preset, "rung": rung, "status": "ok", "config": cfg, "params": params,
             "cache_bytes_per_token": cache, "val_loss_whole": list(val), "seeds": list(range(len(val))),
             "greedy_tokens": list(tokens), "timing": {"ready": {"variants": list(variants)}, "rounds": list(rounds)}}
@@ -113,8 +113,10 @@ def test_flash_mla_tokens_claim():
 
 
 def test_controlled_pairs_split_a_several_things_change():
-    rope, mla = preset_config("rope", **SIZES).to_dict(), preset_config("rope_mla", **SIZES).to_dict()
-    base = preset_config("llama", **SIZES, n_kv_head=8).to_dict()  # rope_mla's block with MHA
+    from llmlab.compare.runtime import preset_recorded
+
+    rope, mla = preset_recorded("rope", **SIZES), preset_recorded("rope_mla", **SIZES)
+    base = preset_recorded("llama", **SIZES, n_kv_head=8)  # rope_mla's block with MHA
     diff = config_diff(rope, mla)
     assert set(change_groups(diff)) == {"attention", "norm", "mlp", "bias", "tie_embeddings"}
 
@@ -150,10 +152,11 @@ def test_cache_kind_is_read_in_one_place():
     from llmlab.compare.runtime import cache_kind, set_absorbed
     from llmlab.model import Transformer
 
-    kinds = {p: cache_kind(Transformer(preset_config(p, **SIZES))) for p in ("basic", "kv_cache", "rope_mla",
-                                                                            "flash_mla")}
+    from llmlab.presets import preset_model
+
+    kinds = {p: cache_kind(preset_model(p, **SIZES)) for p in ("basic", "kv_cache", "rope_mla", "flash_mla")}
     assert kinds == {"basic": "none", "kv_cache": "dense", "rope_mla": "dense", "flash_mla": "paged"}
-    mla = Transformer(preset_config("rope_mla", **SIZES)).eval()
+    mla = preset_model("rope_mla", **SIZES).eval()
     x = torch.randint(0, 256, (1, 12))
     from llmlab.generation import generate
 

@@ -156,3 +156,26 @@ def test_tokenizer_round_trip(capsys, tmp_path, kind):
     assert main(["sample", str(tmp_path / "back"), "--prompt", "But", "--max-new-tokens", "4",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("But")
+
+
+@pytest.mark.parametrize("key", ["attn_implementation", "_attn_implementation"])
+def test_attention_implementation_named_in_config_is_never_honoured(tmp_path, key, monkeypatch):
+    """A config.json may name a hub kernel (code fetched and run) as its attention: llmlab chooses
+    the implementation itself, so the name is ignored and the model converts with HF's logits."""
+    import transformers.modeling_utils as mu
+
+    src = tmp_path / "hf"
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(src)
+    raw = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(raw | {key: "kernels-community/evil-attention"}))
+
+    def no_kernels(*a, **k):
+        raise AssertionError("a hub attention kernel was looked up")
+
+    monkeypatch.setattr(mu, "lazy_import_flash_attention", no_kernels, raising=False)
+    model = llmlab.from_hf(src)
+    x = torch.randint(32, (1, 8))
+    torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-4, atol=1e-5)

@@ -5,7 +5,7 @@ explicit causal mask) checks the reference; the reference and the naive one chec
 kernel, which runs here through Triton's CPU interpreter.
 
 Triton's interpreter works only if TRITON_INTERPRET=1 was set before triton was first imported
-(see flash_mla._triton_interpreted). The kernel tests (named test_interp_*) therefore run in this
+(see dispatch._triton_interpreted). The kernel tests (named test_interp_*) therefore run in this
 process when it was started with the variable set, and otherwise in one child pytest process that
 test_interpreter_suite_in_subprocess starts with it set."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from llmlab.errors import LlmlabError
-from llmlab.kernels import flash_mla, flash_mla_decode, flash_mla_path, flash_mla_reference
+from llmlab.kernels import dispatch, flash_mla, flash_mla_decode, flash_mla_path, flash_mla_reference
 from llmlab.model.paged_cache import PagedLatentCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ DC, DR, BS = 32, 16, 64  # small latent / rope widths; the real block size
 def interpret(monkeypatch):
     """Triton's interpreter on for this test, and every buffer the launcher allocates poisoned."""
     pytest.importorskip("triton")
-    if not flash_mla._triton_interpreted():
+    if not dispatch._triton_interpreted():
         pytest.skip("triton was imported without TRITON_INTERPRET=1; run by test_interpreter_suite_in_subprocess")
     from llmlab.kernels import flash_mla_triton as fmt
 
@@ -164,8 +164,8 @@ def test_split_heuristic():
 def test_dispatch_reference_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert flash_mla_path("cpu") == "reference"
-    if flash_mla._HAVE_TRITON:
-        assert flash_mla_path("cuda") == ("triton-interpret" if flash_mla._triton_interpreted() else "triton")
+    if dispatch._HAVE_TRITON:
+        assert flash_mla_path("cuda") == ("triton-interpret" if dispatch._triton_interpreted() else "triton")
         from llmlab.kernels import flash_mla_triton as fmt
         monkeypatch.setattr(fmt, "flash_mla_triton", lambda *a, **k: pytest.fail("took the Triton path"))
     q, kv, table, lens = make_case([5], 2, 1)
@@ -183,17 +183,17 @@ def test_interp_dispatch_takes_kernel(interpret, monkeypatch):
     out, lse = flash_mla_decode(q, kv, table, lens, DC, 0.3)
     assert calls == [1]
     assert_close(out, lse, *naive(q, kv, table, lens, DC, 0.3), 1e-4)
-    monkeypatch.setattr(flash_mla, "_HAVE_TRITON", False)  # Triton not importable: reference
+    monkeypatch.setattr(dispatch, "_HAVE_TRITON", False)  # Triton not importable: reference
     assert flash_mla_path("cpu") == "reference" and flash_mla_path("cuda") == "reference"
 
 
 def test_dispatch_interpreter_requested_too_late(monkeypatch):
     """TRITON_INTERPRET set after triton was imported: the interpreter cannot run; reference + warning."""
     pytest.importorskip("triton")
-    if flash_mla._triton_interpreted():
+    if dispatch._triton_interpreted():
         pytest.skip("this process's Triton is in interpreter mode")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(flash_mla, "_warned", False)
+    monkeypatch.setattr(dispatch, "_warned", False)
     with pytest.warns(UserWarning, match="too late"):
         assert flash_mla_path("cpu") == "reference"
     q, kv, table, lens = make_case([5], 2, 1)
@@ -204,7 +204,7 @@ def test_dispatch_interpreter_requested_too_late(monkeypatch):
 def test_interpreter_suite_in_subprocess(request):
     """The test_interp_* tests, in a child process started with TRITON_INTERPRET=1."""
     pytest.importorskip("triton")
-    if flash_mla._triton_interpreted():
+    if dispatch._triton_interpreted():
         pytest.skip("this process runs the interpreter tests itself")
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
@@ -340,7 +340,7 @@ def test_kernels_compile_for_sm90_without_gpu():
     """The compiler path the interpreter never takes: both kernels (bf16, 4 splits, default launch
     config) compiled for sm_90 down to a cubin, within the 227 KB of shared memory a block can use."""
     triton = pytest.importorskip("triton")
-    if flash_mla._triton_interpreted():
+    if dispatch._triton_interpreted():
         pytest.skip("this process's Triton is in interpreter mode: it cannot compile")
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton build has no NVIDIA backend")

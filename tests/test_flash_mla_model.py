@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, tiny
+from conftest import REPO, tiny, tiny_model
 from llmlab import LlmlabError, Transformer, generate, load
 from llmlab.checkpoint import save_checkpoint
-from llmlab.model.paged_cache import PagedInferenceCache
+from llmlab.model.paged_cache import PagedCache
+from llmlab.runtime import Runtime
 from test_mla import cached_logits, recomputed_logits
 
 
@@ -22,12 +23,12 @@ def pair(**kw) -> tuple[Transformer, Transformer]:
     torch.manual_seed(0)
     sizes = dict(block_size=256, n_embd=48, n_head=4)
     sizes.update(kw)
-    dense = Transformer(tiny(preset="rope_mla", **sizes)).eval()
+    dense = tiny_model(preset="rope_mla", **sizes).eval()
     with torch.no_grad():
         for p in dense.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.15)
-    paged = Transformer(dense.config.replace(attn_backend="flash_mla")).eval()
+    paged = Transformer(dense.config, Runtime(attention="flash_mla", cache="paged")).eval()
     paged.load_state_dict(dense.state_dict())
     return dense, paged
 
@@ -62,7 +63,7 @@ def test_paged_cache_stores_real_tokens_only():
     """Left padding is never stored: each row holds its own length in its own blocks."""
     _, paged = pair()
     cache = paged.new_cache(3, 200)
-    assert isinstance(cache, PagedInferenceCache)
+    assert isinstance(cache, PagedCache)
     ps = prompts((70, 3, 129))
     t0 = 129
     idx = torch.zeros(3, t0, dtype=torch.long)
@@ -72,8 +73,8 @@ def test_paged_cache_stores_real_tokens_only():
     with torch.no_grad():
         paged(idx, cache, 0)
         paged(torch.zeros(3, 1, dtype=torch.long), cache, t0)
-    assert cache.pages.lengths() == [71, 4, 130]
-    assert [len(cache.pages.blocks(r)) for r in range(3)] == [2, 1, 3]
+    assert cache.lengths()[:3] == [71, 4, 130]
+    assert [len(cache.blocks(r)) for r in range(3)] == [2, 1, 3]
     c = paged.config
     assert cache.bytes_per_token() == c.n_layer * (c.latent_dim + c.rope_head_dim) * 4
 
@@ -81,17 +82,21 @@ def test_paged_cache_stores_real_tokens_only():
 def test_load_switches_a_rope_mla_run_to_flash_mla(tmp_path):
     dense, _ = pair()
     save_checkpoint(tmp_path / "run" / "last", dense)
-    switched = load(tmp_path / "run", attn_backend="flash_mla")
-    assert switched.config.attn_backend == "flash_mla"
-    assert isinstance(switched.new_cache(1, 8), PagedInferenceCache)
+    switched = load(tmp_path / "run", runtime={"attention": "flash_mla", "cache": "paged"})
+    assert switched.runtime.attention == "flash_mla" and switched.config == load(tmp_path / "run").config
+    legacy = load(tmp_path / "run", attn_backend="flash_mla")  # the name before the runtime split
+    assert legacy.runtime == switched.runtime
+    assert isinstance(switched.new_cache(1, 8), PagedCache)
     ps = prompts((66, 9))
     assert all(torch.equal(x, y) for x, y in zip(generate(dense, ps, 12, temperature=0),
                                                   generate(switched, ps, 12, temperature=0)))
 
 
 def test_flash_mla_needs_mla():
-    with pytest.raises(LlmlabError, match="attn_backend='flash_mla' is the paged latent-cache kernel"):
-        tiny(preset="rope", attn_backend="flash_mla")
+    with pytest.raises(LlmlabError, match="'flash_mla' is an implementation of attention mla"):
+        Transformer(tiny(preset="rope"), Runtime(attention="flash_mla", cache="paged"))
+    with pytest.raises(LlmlabError, match="decodes from a paged cache"):
+        Runtime(attention="flash_mla", cache="dense")
 
 
 CHILD = """
@@ -117,3 +122,15 @@ def test_flash_mla_through_the_triton_kernel_interpreted():
                PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     run = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "KERNEL-GREEDY-OK" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_paged_decode_crossing_a_block_boundary_equals_recompute():
+    """Decode steps that cross from one 64-token block into the next (prompts of 60, 62 and 127
+    tokens, 10 steps each): a wrong block-table lookup at the crossing shows in the logits."""
+    dense, paged = pair()
+    ps = prompts((60, 62, 127), seed=3)
+    cont = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = recomputed_logits(dense, ps, cont)
+        got = cached_logits(paged, ps, cont)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()

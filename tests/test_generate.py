@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny
+from conftest import tiny, tiny_model
 from llmlab import LlmlabError, Transformer, generate
 from llmlab.generation import sample_next, stream
 from llmlab.presets import PRESETS
@@ -12,7 +12,7 @@ from llmlab.presets import PRESETS
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_greedy_cached_equals_recomputed(preset):
-    model = Transformer(tiny(preset=preset, block_size=64)).eval()
+    model = tiny_model(preset=preset, block_size=64).eval()
     idx = torch.randint(0, 97, (2, 7))
     cached = generate(model, idx, 40, temperature=0, use_cache=True)
     recomputed = generate(model, idx, 40, temperature=0, use_cache=False)
@@ -22,7 +22,7 @@ def test_greedy_cached_equals_recomputed(preset):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_cached_decode_step_logits_equal_full_recompute(preset):
-    model = Transformer(tiny(preset=preset)).eval()
+    model = tiny_model(preset=preset).eval()
     idx = torch.randint(0, 97, (2, 20))
     full = model(idx)
     cache = model.new_cache(2, 32)
@@ -34,7 +34,7 @@ def test_cached_decode_step_logits_equal_full_recompute(preset):
 
 
 def test_batched_ragged_prompts_equal_each_alone():
-    model = Transformer(tiny(preset="kv_cache", position="rope")).eval()
+    model = tiny_model(preset="kv_cache", position="rope").eval()
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
     batched = generate(model, prompts, 15, temperature=0)
     for p, row in zip(prompts, batched):
@@ -48,7 +48,7 @@ def test_batched_ragged_prompts_equal_each_alone():
 
 @pytest.mark.parametrize("position", ["learned", "rope", "sinusoidal"])
 def test_generation_past_block_size(position):
-    model = Transformer(tiny(preset="kv_cache", position=position, block_size=16)).eval()
+    model = tiny_model(preset="kv_cache", position=position, block_size=16).eval()
     idx = torch.randint(0, 97, (2, 10))
     cached = generate(model, idx, 30, temperature=0)  # 40 tokens > block_size 16
     assert cached.shape == (2, 40)
@@ -56,7 +56,7 @@ def test_generation_past_block_size(position):
 
 
 def test_seed_and_stop_tokens():
-    model = Transformer(tiny(preset="kv_cache")).eval()
+    model = tiny_model(preset="kv_cache").eval()
     idx = torch.randint(0, 97, (3, 4))
     a = generate(model, idx, 20, temperature=1.0, top_k=10, seed=7)
     b = generate(model, idx, 20, temperature=1.0, top_k=10, seed=7)
@@ -117,7 +117,7 @@ def test_compiled_generation_equals_eager_without_recompiling():
     one compiled graph serves them all (any recompile or compile failure would warn -> error)."""
     import warnings
 
-    model = Transformer(tiny(preset="llama", block_size=64)).eval()
+    model = tiny_model(preset="llama", block_size=64).eval()
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
     eager = generate(model, prompts, 12, temperature=0)
     assert all(torch.equal(a, b) for a, b in zip(generate(model, prompts, 12, temperature=0, compile=True), eager))
@@ -131,7 +131,7 @@ def test_compiled_generation_equals_eager_without_recompiling():
 
 @pytest.mark.slow
 def test_compiled_generation_rolls_past_block_size():
-    model = Transformer(tiny(preset="kv_cache", block_size=16)).eval()
+    model = tiny_model(preset="kv_cache", block_size=16).eval()
     idx = torch.randint(0, 97, (1, 10))
     assert torch.equal(generate(model, idx, 20, temperature=0, compile=True),
                        generate(model, idx, 20, temperature=0, use_cache=False))
@@ -149,12 +149,12 @@ def test_compile_failure_falls_back_to_eager_and_warns_once(monkeypatch):
     monkeypatch.setattr(llmlab.compiled, "_compile_for_one_model", lambda: broken)
     monkeypatch.setattr(llmlab.compiled, "_steps", weakref.WeakKeyDictionary())
     monkeypatch.setattr(llmlab.compiled, "_compile_failed", False)
-    model = Transformer(tiny(preset="kv_cache")).eval()
+    model = tiny_model(preset="kv_cache").eval()
     idx = torch.randint(0, 97, (2, 5))
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler"):
         out = generate(model, idx, 8, temperature=0, compile=True)
     assert torch.equal(out, generate(model, idx, 8, temperature=0))
-    other = Transformer(tiny(preset="gqa")).eval()
+    other = tiny_model(preset="gqa").eval()
     with warnings.catch_warnings():  # the failure was reported once; later generations stay quiet
         warnings.simplefilter("error", RuntimeWarning)
         for m in (model, other):
@@ -167,7 +167,7 @@ def test_uncompiled_decoding_keeps_dynamo_guards(monkeypatch):
     """Skipping dynamo's guard checks is for the compiled step only; eager decoding never sets it."""
     calls = []
     monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **k: calls.append((a, k)))
-    generate(Transformer(tiny(preset="kv_cache")).eval(), torch.randint(0, 97, (1, 4)), 6, temperature=0)
+    generate(tiny_model(preset="kv_cache").eval(), torch.randint(0, 97, (1, 4)), 6, temperature=0)
     assert calls == []
 
 
@@ -179,7 +179,7 @@ def test_several_models_compiled_in_one_process_keep_their_own_graphs(monkeypatc
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, fullgraph=True, backend="eager"))
-    models = [Transformer(tiny(preset=p, block_size=64, n_layer=1)).eval() for p in ("kv_cache", "gqa", "rope_mla")]
+    models = [tiny_model(preset=p, block_size=64, n_layer=1).eval() for p in ("kv_cache", "gqa", "rope_mla")]
     with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
         warnings.simplefilter("error", RuntimeWarning)
         for m in models:

@@ -1,6 +1,6 @@
 """DeepSeek-V2 interop: logit parity with transformers.DeepseekV2ForCausalLM on random weights both
 ways (full-rank and low-rank queries, v_head_dim != qk_nope_head_dim), greedy tokens equal HF's,
-`to_hf` round trip through AutoModelForCausalLM, MoE checkpoints refused."""
+`to_hf` round trip through AutoModelForCausalLM (MoE layers: tests/test_hf_deepseek_moe.py)."""
 from __future__ import annotations
 
 import pytest
@@ -86,15 +86,6 @@ def test_greedy_tokens_equal_hf(use_cache):
     ref = hf_greedy(hf, prompt, 32)
     assert ref.shape == (1, 40)
     assert torch.equal(llmlab.generate(from_hf(hf), prompt, 32, temperature=0, use_cache=use_cache), ref)
-
-
-def test_moe_checkpoint_is_refused(tmp_path):
-    hf_cfg = transformers.DeepseekV2Config(
-        vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=16, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
-    hf_cfg.save_pretrained(tmp_path / "moe")
-    one_line_error(from_hf, tmp_path / "moe", match="mixture-of-experts")
 
 
 def test_convert_cli_helpers_round_trip(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import tiny, tiny_model
 from llmlab import LlmlabError, Transformer, generate
 from llmlab.model.mla import MultiHeadLatentAttention
 
@@ -15,7 +15,7 @@ MLA_PRESETS = ["naive_mla", "rope_mla"]
 def mla(preset="rope_mla", **kw) -> Transformer:
     sizes = dict(block_size=128, n_embd=48, n_head=4)  # head 12: d_c 48, d_r 6, nope 12, v 12
     sizes.update(kw)
-    m = Transformer(tiny(preset=preset, **sizes)).eval()
+    m = tiny_model(preset=preset, **sizes).eval()
     with torch.no_grad():  # larger than the init, so that a slip shows in the logits
         for name, p in m.named_parameters():
             if p.dim() > 1:
@@ -114,7 +114,7 @@ def test_latent_cache_bytes_per_token(preset, rope, q_lora_rank):
     c = model.config
     assert (c.latent_dim, c.rope_head_dim) == (4 * 12, rope)
     cache = model.new_cache(3, 40)
-    assert tuple(cache.layers[0].kv.shape) == (3, 40, c.latent_dim + rope)
+    assert list(cache.pools[0]) == ["kv"] and tuple(cache.pools[0]["kv"].shape) == (3, 40, c.latent_dim + rope)
     assert cache.bytes_per_token() == (c.latent_dim + rope) * c.n_layer * 4  # fp32, whatever n_head
     assert cache.bytes_per_token() < 2 * c.n_layer * c.n_head * c.head_size * 4  # below MHA's
 
@@ -134,7 +134,7 @@ def test_mla_config_errors_are_clear(bad, match):
 @pytest.mark.parametrize("preset", MLA_PRESETS)
 def test_a_few_training_steps_lower_the_loss(preset):
     torch.manual_seed(0)
-    model = Transformer(tiny(preset=preset)).train()
+    model = tiny_model(preset=preset).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = torch.randint(0, 97, (4, 32))
     losses = []
@@ -154,3 +154,54 @@ def test_compiled_decode_gives_eager_tokens():
     eager = generate(model, prompts, 20, temperature=0)
     compiled = generate(model, prompts, 20, temperature=0, compile=True)
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
+def naive_rope_mla_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    """A rope_mla model's logits written out from its weights alone, token by token and head by head
+    (DeepSeek-V2 §2.1: q = W_Q x, [c_kv | k_pe] = W_DKV x, c_kv normed, k_h = [W_UK_h c | RoPE(k_pe)],
+    v_h = W_UV_h c; RoPE as a rotation of (x_i, x_{i+d/2}) by p·θ^(-2i/d)); float64."""
+    cfg = model.config
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    h, d_c, d_r, d_n, d_v = cfg.n_head, cfg.latent_dim, cfg.rope_head_dim, cfg.nope_head_dim, cfg.value_head_dim
+
+    def rms(x, w, eps):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+    def rope(x, p):  # x (..., d_r), position p
+        half = d_r // 2
+        ang = torch.tensor([p * cfg.rope_theta ** (-2 * i / d_r) for i in range(half)], dtype=torch.double)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], -1)
+
+    t = idx.shape[1]
+    x = sd["tok_emb.weight"][idx[0]]  # (T, C)
+    for layer in range(cfg.n_layer):
+        b = f"blocks.{layer}."
+        a = rms(x, sd[b + "norm1.weight"], cfg.norm_eps)
+        q = (a @ sd[b + "attn.q.weight"].T).view(t, h, d_n + d_r)
+        down = a @ sd[b + "attn.kv_down.weight"].T
+        c = rms(down[:, :d_c], sd[b + "attn.kv_norm.weight"], 1e-6)
+        k_pe = torch.stack([rope(down[p, d_c:], p) for p in range(t)])
+        w_up = sd[b + "attn.kv_up.weight"].view(h, d_n + d_v, d_c)
+        out = torch.zeros(t, h, d_v, dtype=torch.double)
+        for hi in range(h):
+            k = torch.cat([c @ w_up[hi, :d_n].T, k_pe], -1)  # (T, d_n + d_r)
+            v = c @ w_up[hi, d_n:].T
+            for i in range(t):
+                qi = torch.cat([q[i, hi, :d_n], rope(q[i, hi, d_n:], i)])
+                scores = (k[: i + 1] @ qi) / (d_n + d_r) ** 0.5
+                out[i, hi] = torch.softmax(scores, 0) @ v[: i + 1]
+        x = x + out.reshape(t, h * d_v) @ sd[b + "attn.proj.weight"].T
+        m = rms(x, sd[b + "norm2.weight"], cfg.norm_eps)
+        gate, up = (m @ sd[b + "mlp.fc.weight"].T).chunk(2, -1)
+        x = x + (torch.nn.functional.silu(gate) * up) @ sd[b + "mlp.proj.weight"].T
+    return rms(x, sd["norm_f.weight"], cfg.norm_eps) @ sd["lm_head.weight"].T
+
+
+def test_rope_mla_model_equals_a_naive_reference_from_its_weights():
+    model = mla(block_size=32, n_layer=2)
+    idx = torch.randint(0, 97, (1, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = model.double()(idx)[0]
+    want = naive_rope_mla_logits(model, idx)
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()  # rope tables are float32

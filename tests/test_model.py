@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from conftest import tiny
+from llmlab.runtime import Runtime
+
+from conftest import tiny, tiny_model
 from llmlab import LlmlabError, Transformer
 from llmlab.model.attention import manual_attention, sdpa_attention
 
@@ -33,8 +35,9 @@ def test_attention_kernels_equal_naive(kv_heads):
 
 @pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope"])
 def test_manual_equals_sdpa_same_weights(position):
-    basic = Transformer(tiny(preset="basic", position=position)).eval()
-    flash = Transformer(basic.config.replace(attn_backend="sdpa")).eval()
+    basic = tiny_model(preset="basic", position=position).eval()
+    flash = Transformer(basic.config, Runtime(attention="sdpa")).eval()
+    assert basic.runtime.attention == "manual"
     flash.load_state_dict(basic.state_dict())
     idx = torch.randint(0, 97, (3, 32))
     assert (basic(idx) - flash(idx)).abs().max() <= 1e-5
@@ -42,7 +45,7 @@ def test_manual_equals_sdpa_same_weights(position):
 
 @pytest.mark.parametrize("preset", ["basic", "flash"])
 def test_causality(preset):
-    model = Transformer(tiny(preset=preset)).eval()
+    model = tiny_model(preset=preset).eval()
     idx = torch.randint(0, 97, (1, 20))
     changed = idx.clone()
     changed[0, 12:] = (changed[0, 12:] + 1) % 97
@@ -52,7 +55,7 @@ def test_causality(preset):
 
 
 def test_gpt2_init_and_tied_embeddings():
-    model = Transformer(tiny(n_layer=8, n_embd=256, n_head=8))
+    model = tiny_model(n_layer=8, n_embd=256, n_head=8)
     assert model.lm_head.weight is model.tok_emb.weight
     std = model.blocks[0].attn.qkv.weight.std().item()
     resid = model.blocks[0].attn.proj.weight.std().item()
@@ -72,7 +75,7 @@ def test_param_counts_by_hand():
 
 
 def test_learned_positions_refuse_too_long_input():
-    model = Transformer(tiny())
+    model = tiny_model()
     with pytest.raises(LlmlabError, match="block_size"):
         model(torch.zeros(1, 33, dtype=torch.long))
 
@@ -93,7 +96,7 @@ def test_training_loss_traces_as_one_graph(preset):
     """No host sync or graph break in the training forward of any rung (e.g. growing a position
     table from int(pos.max()) would break it): dynamo traces loss() with fullgraph=True."""
     torch._dynamo.reset()  # every preset traces loss()'s one code object: start each from a clean slate
-    model = Transformer(tiny(preset=preset, dropout=0.0))
+    model = tiny_model(preset=preset, dropout=0.0)
     x = torch.randint(0, 97, (2, 16))
     loss = torch.compile(model.loss, fullgraph=True, backend="eager")(x, x)
     assert torch.allclose(loss, model.loss(x, x))

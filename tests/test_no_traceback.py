@@ -14,7 +14,7 @@ from llmlab.checkpoint import save_checkpoint
 from llmlab.cli import main
 from llmlab.tokenizer import ByteTokenizer, CharTokenizer
 
-from conftest import tiny
+from conftest import tiny, tiny_model
 
 
 def one_error_line(capsys, argv, *words) -> str:
@@ -31,7 +31,7 @@ def one_error_line(capsys, argv, *words) -> str:
 def run(tmp_path):
     """A tiny byte-level run (random weights) with a metrics file."""
     d = tmp_path / "run"
-    save_checkpoint(d / "last", llmlab.Transformer(tiny(vocab_size=256, block_size=16)).eval(), ByteTokenizer())
+    save_checkpoint(d / "last", tiny_model(vocab_size=256, block_size=16).eval(), ByteTokenizer())
     (d / "metrics.jsonl").write_text('{"step": 0, "loss": 5.5}\n{"step": 0, "val_loss": 5.6, "train_loss": 5.5}\n')
     return d
 
@@ -109,7 +109,7 @@ def test_bad_sampling_values(capsys, run, flags, words):
 
 def test_cache_too_large_for_memory(capsys, tmp_path):
     d = tmp_path / "rope"
-    save_checkpoint(d / "last", llmlab.Transformer(tiny(preset="rope", vocab_size=256)).eval(), ByteTokenizer())
+    save_checkpoint(d / "last", tiny_model(preset="rope", vocab_size=256).eval(), ByteTokenizer())
     one_error_line(capsys, ["sample", d, "--max-new-tokens", str(10**12)], "memory")
 
 
@@ -171,8 +171,25 @@ def test_plot_out_directory_reports_the_file(capsys, run, tmp_path):
     assert main(["plot", str(run), "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'loss.png'}"
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
-    assert main(["plot", str(run), "--out", str(tmp_path / "curves.txt")]) == 0  # any name: still a PNG
-    assert (tmp_path / "curves.txt").read_bytes().startswith(b"\x89PNG")
+    assert main(["plot", str(run), "--out", str(tmp_path / "new") + "/"]) == 0  # DIR/ names a folder
+    assert (tmp_path / "new" / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["plot", str(run), "--out", str(tmp_path / "loss.png")]) == 0  # an earlier plot is replaced
+
+
+@pytest.mark.parametrize("target", ["checkpoint_config", "text_file", "txt_name", "png_name_not_png", "in_checkpoint"])
+def test_plot_never_overwrites_what_is_not_a_plot(capsys, run, tmp_path, target):
+    """--out RUN/last/config.json (PNG bytes over the checkpoint's config), a text file, a name that
+    is not .png, a .png that is not a PNG, a new file inside a checkpoint: one line, nothing written."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "photo.png").write_text("not a png")
+    out = {"checkpoint_config": run / "last" / "config.json", "text_file": tmp_path / "notes.txt",
+           "txt_name": tmp_path / "curves.txt", "png_name_not_png": tmp_path / "photo.png",
+           "in_checkpoint": run / "last" / "loss.png"}[target]
+    before = {p: p.read_bytes() for p in [*run.rglob("*"), *tmp_path.glob("*.*")] if p.is_file()}
+    err = one_error_line(capsys, ["plot", str(run), "--out", str(out)], "--out")
+    assert "not a .png" in err or "not a PNG" in err or "inside a checkpoint" in err, err
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "curves.txt").exists()
 
 
 def test_unwritable_out_simulated(capsys, run, tmp_path, monkeypatch):

@@ -79,14 +79,15 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, references):
     r = torchrun({"train": {**TINY, "batch_size": 4, "parallel": "fsdp", "out": str(two_then_one)}, "stop_after": 4})
     assert r.returncode == 0, r.stderr[-3000:]
     assert max(losses(two_then_one)) == 4
-    train(TrainArgs(**{**TINY, "batch_size": 8, "parallel": "fsdp", "out": str(two_then_one), "resume": True}))
+    # only `out`: the run's settings, --parallel fsdp included, and its global batch (2 x 4 rows: 8 on one rank)
+    train(TrainArgs(out=str(two_then_one), resume=True))
     assert_same_losses(references["flash"], two_then_one)
 
     one_then_two = tmp_path / "one_then_two"
     r = torchrun({"train": {**TINY, "batch_size": 8, "parallel": "fsdp", "out": str(one_then_two)}, "stop_after": 4},
                  nproc=1)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun({"train": {**TINY, "batch_size": 4, "parallel": "ddp", "out": str(one_then_two), "resume": True}})
+    r = torchrun({"train": {"parallel": "ddp", "out": str(one_then_two), "resume": True}})  # 8 rows: 4 a rank
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_losses(references["flash"], one_then_two)
 
@@ -147,9 +148,9 @@ def test_batch_threads_with_parallel_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_dcp_metadata_pickle_is_allow_listed(tmp_path):
+def test_legacy_dcp_metadata_pickle_is_allow_listed(tmp_path):
     """DCP's .metadata is a pickle: a file that would run code is refused before anything runs."""
-    from llmlab.training.dcp import SafeReader
+    from llmlab.training.dcp_legacy import read_metadata_pickle
 
     class Evil:
         def __reduce__(self):
@@ -157,59 +158,30 @@ def test_dcp_metadata_pickle_is_allow_listed(tmp_path):
 
     (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(LlmlabError, match="refusing posix.system|refusing os.system"):
-        SafeReader(str(tmp_path)).read_metadata()
+        read_metadata_pickle(tmp_path / ".metadata")
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("checkpointing, runs", [(False, 1), (True, 2)])
-def test_activation_checkpointing_recomputes_blocks_in_backward(monkeypatch, checkpointing, runs):
-    from llmlab.model.transformer import Block
-    from llmlab.presets import preset_config
-    from llmlab.training import parallel
+def probe(name: str, **kw) -> dict:
+    """A dist_worker probe in a process of its own (a process group of one), with a timeout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "dist_worker.py"), json.dumps({"probe": name, **kw})],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
-    calls = []
-    real = Block.forward
-    monkeypatch.setattr(Block, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    ranks, device = parallel.start("ddp", "cpu")
-    try:
-        config = preset_config("flash", vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=8)
-        built = parallel.build(config, "ddp", device, ranks, seed=0, activation_checkpointing=checkpointing)
-        x = torch.randint(50, (2, 8))
-        built.loss_fn(x, x).backward()
-    finally:
-        ranks.close()
-    assert len(calls) == runs * config.n_layer
+
+@pytest.mark.parametrize("checkpointing, runs", [(False, 1), (True, 2)])
+def test_activation_checkpointing_recomputes_blocks_in_backward(checkpointing, runs):
+    got = probe("activation_checkpointing", checkpointing=checkpointing)
+    assert got["block_forwards"] == runs * got["n_layer"]
 
 
 @pytest.mark.parametrize("use_no_sync, reductions", [(True, 1), (False, 3)])
 def test_ddp_reduces_gradients_once_per_step_with_accumulation(use_no_sync, reductions):
     """3 micro-batches: DDP's all-reduce runs for the last only (no_sync for the others)."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    from llmlab.presets import preset_config
-    from llmlab.training import parallel
-    from llmlab.training.step import StepConfig, TrainStep, make_optimizer
-
-    ranks, device = parallel.start("ddp", "cpu")
-    try:
-        config = preset_config("flash", vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=8)
-        built = parallel.build(config, "ddp", device, ranks, seed=0)
-        calls = []
-
-        def counting(state, bucket):
-            calls.append(bucket.index())
-            return allreduce_hook(state, bucket)
-
-        built.loss_fn.register_comm_hook(None, counting)
-        opt = make_optimizer(built.model, 0.1, (0.9, 0.99), 1e-3)
-        step = TrainStep(built.model, opt, StepConfig(grad_accum=3), built.loss_fn,
-                         built.sync if use_no_sync else None, ranks.mean)
-        x = torch.randint(50, (2, 8))
-        step(lambda: (x, x), 1e-3)
-    finally:
-        ranks.close()
-    buckets = len(set(calls))
-    assert len(calls) == reductions * buckets
+    got = probe("ddp_reductions", use_no_sync=use_no_sync)
+    assert got["calls"] == reductions * got["buckets"]
 
 
 def test_compile_refused_under_parallel_trains_eagerly(tmp_path, references, monkeypatch):

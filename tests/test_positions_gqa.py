@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import tiny, tiny_model
 from llmlab import Transformer
 from llmlab.model.positions import apply_rope, rope_tables, sinusoidal_table
 
@@ -28,7 +28,7 @@ def expand_kv_heads(gqa: Transformer) -> Transformer:
 @pytest.mark.parametrize("preset", ["basic", "flash"])
 @pytest.mark.parametrize("kv", [1, 2, 4])
 def test_gqa_equals_mha_with_repeated_heads(preset, kv):
-    gqa = Transformer(tiny(preset=preset, n_kv_head=kv, position="rope")).eval()
+    gqa = tiny_model(preset=preset, n_kv_head=kv, position="rope").eval()
     mha = expand_kv_heads(gqa)
     idx = torch.randint(0, 97, (2, 24))
     assert (gqa(idx) - mha(idx)).abs().max() <= 1e-5
@@ -39,11 +39,11 @@ def test_gqa_equals_mha_with_repeated_heads(preset, kv):
 
 @pytest.mark.parametrize("preset, kv", [("kv_cache", 4), ("gqa", 2), ("mqa", 1)])
 def test_cache_stores_only_kv_heads(preset, kv):
-    model = Transformer(tiny(preset=preset))
+    model = tiny_model(preset=preset)
     cache = model.new_cache(3, 20)
     c = model.config
     assert c.kv_heads == kv
-    assert tuple(cache.layers[0].k.shape) == (3, kv, 20, c.head_size)
+    assert tuple(cache.pools[0]["k"].shape) == tuple(cache.pools[0]["v"].shape) == (3, kv, 20, c.head_size)
     assert cache.bytes_per_token() == 2 * c.n_layer * kv * c.head_size * 4  # fp32
 
 
@@ -94,13 +94,13 @@ def test_rope_rotation_by_hand():
 
 
 def test_rope_tables_are_not_saved():
-    model = Transformer(tiny(preset="rope"))
+    model = tiny_model(preset="rope")
     assert not any("cos" in k or "sin" in k for k in model.state_dict())
 
 
 @pytest.mark.parametrize("preset", ["rope", "sinusoidal", "llama"])
 def test_cached_decode_past_block_size_equals_recompute(preset):
-    model = Transformer(tiny(preset=preset, block_size=16)).eval()
+    model = tiny_model(preset=preset, block_size=16).eval()
     idx = torch.randint(0, 97, (2, 40))  # longer than block_size: tables grow
     full = model(idx)
     cache = model.new_cache(2, 48)

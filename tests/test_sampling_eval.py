@@ -17,7 +17,7 @@ from llmlab.generation import _cached_logits, _left_pad, sample_next, stream
 from llmlab.presets import PRESETS
 from llmlab.tokenizer import ByteTokenizer
 
-from conftest import tiny
+from conftest import tiny, tiny_model
 
 
 # ---- the distribution sampled from ------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p_exactly(monkeypatch, p, kept):
 
 # ---- stop tokens in a batch ---------------------------------------------------------------------
 def test_stop_tokens_with_a_batch():
-    model = Transformer(tiny(preset="kv_cache")).eval()
+    model = tiny_model(preset="kv_cache").eval()
     idx = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(4))
     free = generate(model, idx, 12, temperature=0)[:, 5:]  # no stop tokens
     stop = int(free[0, 3])  # row 0 stops at its 4th new token; the others whenever (if ever) they emit it
@@ -90,9 +90,9 @@ def test_stop_tokens_with_a_batch():
 def test_ragged_prefill_logits_equal_each_prompt_alone(position):
     """Each row's logits, at prefill and at every decode step, equal that prompt run alone (a
     padding slot seen by a real token, or a position shifted by the padding, changes them)."""
-    model = Transformer(tiny(preset="kv_cache", position=position)).eval()
+    model = tiny_model(preset="kv_cache", position=position).eval()
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [9, 9, 9, 9, 9, 9]]
-    idx, pad = _left_pad(prompts, "cpu")
+    idx, pad = _left_pad(prompts, 97, "cpu")
     steps = _cached_logits(model, idx, pad, 6)
     rows = [torch.tensor([p]) for p in prompts]
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_ragged_prefill_logits_equal_each_prompt_alone(position):
 
 @pytest.mark.parametrize("position", ["learned", "sinusoidal"])
 def test_ragged_generation_equals_each_alone(position):
-    model = Transformer(tiny(preset="kv_cache", position=position)).eval()
+    model = tiny_model(preset="kv_cache", position=position).eval()
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
     batched = generate(model, prompts, 10, temperature=0)
     for p, row in zip(prompts, batched):
@@ -119,7 +119,7 @@ def test_ragged_generation_equals_each_alone(position):
 # ---- chunked prefill ----------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_chunked_prefill_equals_one_full_forward(preset):
-    model = Transformer(tiny(preset=preset)).eval()
+    model = tiny_model(preset=preset).eval()
     idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
     cache = model.new_cache(2, 32)
     out, start = [], 0
@@ -134,7 +134,7 @@ def test_chunked_prefill_equals_one_full_forward(preset):
 
 # ---- llmlab eval --------------------------------------------------------------------------------
 def test_eval_equals_a_loss_computed_here(capsys, tmp_path):
-    model = Transformer(tiny(vocab_size=256, block_size=16)).eval()
+    model = tiny_model(vocab_size=256, block_size=16).eval()
     run = tmp_path / "run"
     save_checkpoint(run / "last", model, ByteTokenizer())
     text = "".join(f"line {i}: the quick brown fox {i * i % 97}\n" for i in range(300))

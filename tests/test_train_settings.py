@@ -77,12 +77,22 @@ def test_toml_value_of_wrong_type_or_range_is_one_line(capsys, tmp_path, toml, w
     (["--beta1", "5"], ["--beta1 must be in [0, 1), got 5.0"]),
     (["--beta1", "-0.1"], ["--beta1"]),
     (["--beta2", "1"], ["--beta2 must be in [0, 1)"]),
-    (["--sample-tokens", "-1"], ["--sample-tokens must be >= 0"]),
+    (["--sample-tokens", "-1"], ["--sample-tokens must be in [0, 100,000]"]),
+    (["--sample-tokens", str(10**12)], ["--sample-tokens must be in [0, 100,000]"]),
+    (["--out", "x" * 300], ["--out", "File name too long"]),
     (["--out", ""], ["--out is empty"]),
     (["--out", "  "], ["--out is empty"]),
     (["--grad-clip", "nan"], ["--grad-clip", "finite"]),
     (["--grad-clip", "-1"], ["--grad-clip must be a finite number >= 0"]),
-    (["--weight-decay", "-1"], ["--weight-decay must be >= 0"]),
+    (["--weight-decay", "-1"], ["--weight-decay must be a finite number >= 0"]),
+    (["--weight-decay", "inf"], ["--weight-decay", "finite"]),
+    (["--lr", "inf"], ["--lr", "finite"]),
+    (["--lr", "1e400"], ["--lr", "finite"]),
+    (["--seed", str(2**64)], ["--seed must be in [0, 2^63)"]),
+    (["--seed", "-1"], ["--seed must be in [0, 2^63)"]),
+    (["--tokenizer", "bpe", "--vocab-size", str(10**9)], ["--vocab-size must be in [1, 1,048,576]"]),
+    (["--data", ""], ["--data is empty"]),
+    (["--batch-size", str(10**9)], ["training on batches of 1000000000", "needs about", "--batch-size"]),
     (["--min-lr", "0.1", "--lr", "0.01"], ["--min-lr 0.1 is above --lr 0.01"]),
     (["--device", "mps"], ["--device mps", "not available"]),
     (["--device", "tpu"], ["--device", "tpu"]),
@@ -149,7 +159,8 @@ def test_kind_flags_build_that_model_and_a_resume_keeps_them(capsys, tmp_path):
     model = json.loads((run / "last" / "config.json").read_text())["model"]
     assert (model["norm"], model["mlp"], model["position"], model["tie_embeddings"]) == ("rmsnorm", "swiglu",
                                                                                          "rope", False)
-    assert (model["attention"], model["attn_backend"], model["use_cache"]) == ("mha", "sdpa", True)  # the preset's
+    runtime = json.loads((run / "last" / "config.json").read_text())["runtime"]
+    assert model["attention"] == "mha" and (runtime["attention"], runtime["cache"]) == ("sdpa", "dense")  # the preset's
     one_error_line(capsys, ["train", *TINY, "--out", run, "--resume", "--max-iters", "4", "--norm", "layernorm"],
                    "--norm layernorm differs from the run's rmsnorm")
     mla = tmp_path / "mla"
@@ -166,3 +177,26 @@ def test_kind_flags_build_that_model_and_a_resume_keeps_them(capsys, tmp_path):
 def test_bad_kinds_are_one_line(capsys, tmp_path, argv, words):
     one_error_line(capsys, ["train", *TINY, "--out", tmp_path / "r", *argv], *words)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("field, value", [("lr", float("inf")), ("weight_decay", float("inf")),
+                                          ("min_lr", float("nan")), ("seed", 2**64)])
+def test_python_callers_get_the_same_range_checks(tmp_path, field, value):
+    from llmlab import LlmlabError
+    from llmlab.training import train
+
+    with pytest.raises(LlmlabError, match="--" + field.replace("_", "-")):
+        train(TrainArgs(out=str(tmp_path / "r"), **{field: value}))
+    assert not (tmp_path / "r").exists()
+
+
+def test_min_lr_zero_stays_zero_and_beta1_zero_is_accepted(tmp_path):
+    """An explicit --min-lr 0 is the cosine's floor (not the lr/10 default); beta1 0 is a valid AdamW."""
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--max-iters", "4", "--warmup-iters", "0", "--lr-decay-iters", "2", "--lr", "0.01",
+                 "--min-lr", "0", "--beta1", "0", "--out", str(run)]) == 0
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in recs if "lr" in r}
+    assert lrs[0] == 0.01 and lrs[2] == 0.0 and lrs[3] == 0.0  # past lr_decay_iters: exactly min_lr
+    meta = json.loads((run / "last" / "config.json").read_text())
+    assert meta["state"]["optimizer"]["param_groups"][0]["betas"][0] == 0.0

@@ -83,9 +83,9 @@ def _speed_vs(a: Entry, b: Entry, variant: str, ctx: int) -> tuple[Optional[floa
 def flash_claims(doc: dict) -> list[Claim]:
     speed = Claim("flash", "flash trains faster than basic (the same attention, by a fused kernel)")
     same = Claim("flash", f"basic and flash learn the same model (val loss within {SAME_MODEL} nats)")
-    found = pairs(doc, ("attn_backend",), field_is("attn_backend", "manual", "sdpa"))
+    found = pairs(doc, ("runtime_attention",), field_is("runtime_attention", "manual", "sdpa"))
     if not found:
-        speed.note = same.note = "needs basic and flash (configs differing only in attn_backend)"
+        speed.note = same.note = "needs basic and flash (differing only in the attention implementation)"
         return [speed, same]
     basic, flash = found[0]
     rb, rf = train_speed(basic), train_speed(flash)
@@ -107,9 +107,9 @@ def flash_claims(doc: dict) -> list[Claim]:
 
 def cache_claim(doc: dict) -> list[Claim]:
     c = Claim("kv_cache", "the KV cache makes decode faster than recomputing, and the gap grows with context")
-    found = pairs(doc, ("use_cache",), field_is("use_cache", False, True))
+    found = pairs(doc, ("runtime_cache",), field_is("runtime_cache", "none", "dense"))
     if not found:
-        c.note = "needs flash and kv_cache (configs differing only in use_cache)"
+        c.note = "needs flash and kv_cache (differing only in the cache kind)"
         return [c]
     rec, cached = found[0]
     ctxs, ratios, wins = doc["settings"]["contexts"], [], []
@@ -274,9 +274,9 @@ def position_claims(doc: dict) -> list[Claim]:
 def paged_claim(doc: dict) -> list[Claim]:
     c = Claim("flash_mla", "flash_mla gives rope_mla's tokens (same weights; the paged kernel computes the "
                            "same attention)")
-    found = pairs(doc, ("attn_backend",), field_is("attn_backend", "sdpa", "flash_mla"))
+    found = pairs(doc, ("runtime_attention", "runtime_cache"), field_is("runtime_attention", "sdpa", "flash_mla"))
     if not found:
-        c.note = "needs rope_mla and flash_mla (configs differing only in attn_backend)"
+        c.note = "needs rope_mla and flash_mla (differing only in how they run)"
         return [c]
     a, b = found[0]
     same = sum(x == y for x, y in zip(a["greedy_tokens"], b["greedy_tokens"]))

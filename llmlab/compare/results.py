@@ -16,13 +16,14 @@ import platform
 from pathlib import Path
 from typing import Any, Optional
 
+from llmlab.compare.runtime import runtime_fields
 from llmlab.compare.stats import Range, Spread, speed_range, spread
 
 FORMAT = "llmlab-compare-2"
 # ModelConfig fields that say how attention shares or compresses keys and values: one "change"
 ATTENTION_FIELDS = ("attention", "n_kv_head", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                     "v_head_dim")
-RUNTIME_FIELDS = ("attn_backend", "use_cache")  # how the same weights run, not what they compute
+RUNTIME_FIELDS = runtime_fields()  # how the same weights run, not what they compute
 
 
 def machine() -> str:
@@ -69,10 +70,13 @@ def config_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list]:
 
 
 def change_groups(diff: dict[str, list]) -> list[str]:
-    """The changes a diff makes, counting every attention field as one change ("attention")."""
+    """The changes a diff makes, counting every attention field as one change ("attention") and
+    the MLP kind with its mixture-of-experts sizes as another ("mlp")."""
+    from llmlab.config import MOE_FIELDS
+
     groups = []
     for k in diff:
-        g = "attention" if k in ATTENTION_FIELDS else k
+        g = "attention" if k in ATTENTION_FIELDS else ("mlp" if k in MOE_FIELDS else k)
         if g not in groups:
             groups.append(g)
     return groups
@@ -90,7 +94,7 @@ def describe(diff: dict[str, list]) -> str:
     for k, (old, new) in diff.items():
         if k == "attention" or ("attention" in diff and k in ATTENTION_FIELDS):
             continue
-        parts.append(f"{k} {old} → {new}")
+        parts.append(f"{k.replace('runtime_', 'runtime ')} {old} → {new}")
     return ", ".join(parts)
 
 

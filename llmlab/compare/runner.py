@@ -140,7 +140,8 @@ def _train_all(s: CompareSettings, todo: list[dict], log) -> dict[tuple[str, int
 def parents(s: CompareSettings, entries: list[Entry], runs: dict) -> dict[str, tuple[Optional[str], str, dict]]:
     """name -> (the parent's entry name if it is compared, the parent preset, its config at these sizes).
     A rung's parent is the rung it changes (presets.PARENT); a configuration's is its preset."""
-    from llmlab.presets import PARENT, preset_config
+    from llmlab.compare.runtime import preset_recorded
+    from llmlab.presets import PARENT
 
     rungs = {e.name for e in entries if e.is_rung}
     out = {}
@@ -151,7 +152,7 @@ def parents(s: CompareSettings, entries: list[Entry], runs: dict) -> dict[str, t
             out[e.name] = (None, "", {})
             continue
         sizes = {k: getattr(s, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
-        config = preset_config(p, vocab_size=first["config"]["vocab_size"], **sizes).to_dict()
+        config = preset_recorded(p, vocab_size=first["config"]["vocab_size"], **sizes)
         out[e.name] = (p if p in rungs else None, p, config)
     return out
 

@@ -125,6 +125,13 @@ class CompareSettings:
                         ("--block-size", self.block_size)):
             if v < 1:
                 raise LlmlabError(f"{flag} must be >= 1, got {v}")
+        from llmlab.bench import MAX_LEN, MAX_REPEATS
+
+        if max(self.contexts) + self.decode_steps > MAX_LEN:
+            raise LlmlabError(f"the longest context + --decode-steps must stay within {MAX_LEN:,} tokens "
+                              f"(got {max(self.contexts) + self.decode_steps:,})")
+        if self.rounds > MAX_REPEATS or self.seeds > MAX_REPEATS:
+            raise LlmlabError(f"--rounds and --seeds must be at most {MAX_REPEATS}")
         if self.threads < 0:
             raise LlmlabError(f"--threads must be >= 0 (0: torch's default), got {self.threads}")
         if not 0 <= self.seed < 2**63 - self.seeds:

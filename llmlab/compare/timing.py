@@ -12,7 +12,7 @@ train() runs) on a fixed batch of batch_size x block_size tokens, then, per cont
 per decode variant, batch-1 greedy decoding through llmlab.stream of decode_steps tokens after a
 prefill of C tokens. Variants (llmlab.compare.runtime says which apply):
     own            the rung's own path: recompute (basic, flash), cache, or paged kernel
-    compiled       the cached one-token step through torch.compile (a dense cache only)
+    compiled       the cached one-token step through torch.compile (a rung that caches)
     decompressing  MLA without weight absorption: every cached latent is expanded into keys and
                    values at every step (the cost absorption removes)
 
@@ -79,7 +79,7 @@ class Bench:
         self.batch = (torch.randint(0, v, (c.batch_size, t), generator=gen).to(c.device),
                       torch.randint(0, v, (c.batch_size, t), generator=gen).to(c.device))
         steps = RECOMPUTE_STEPS if self.kind == NONE else c.decode_steps
-        applies = {"own": True, "compiled": c.compile and self.kind == DENSE,
+        applies = {"own": True, "compiled": c.compile and self.kind != NONE,
                    "decompressing": self.has_mla and self.kind == DENSE}
         wanted = c.variants or list(VARIANTS)
         self.variants = {name: (dict(compile=True) if name == "compiled" else {}, steps)

@@ -78,7 +78,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from llmlab.bench import cache_bytes_entry
     from llmlab.checkpoint import load
-    from llmlab.compare.runtime import PATHS, cache_kind, recorded_config
+    from llmlab.compare.runtime import NONE, cache_kind, decode_path, recorded_config
     from llmlab.generation import generate
     from llmlab.training import TrainArgs, train
     from llmlab.training.device import pick_device
@@ -101,15 +101,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     kind = cache_kind(model)
     with torch.inference_mode():
         model.eval()
-        prompt = torch.as_tensor(val_ids[:GREEDY_PROMPT], dtype=torch.long, device=device)[None]
+        prompt = torch.tensor([[int(i) for i in val_ids[:GREEDY_PROMPT]]], device=device)
         greedy = generate(model, prompt, GREEDY_TOKENS, temperature=0)[0, GREEDY_PROMPT:].tolist()
-        cache = cache_bytes_entry(spec["entry"], model, model.config.block_size) if kind != "none" else None
+        cache = cache_bytes_entry(spec["entry"], model, model.config.block_size) if kind != NONE else None
     return {
         "entry": spec["entry"], "preset": spec["preset"], "seed": spec["seed"], "status": "ok",
         "settings": spec["settings"], "config": recorded_config(model), "params": model.num_params(),
         "val_loss": curve[-1][1] if curve else None, "val_loss_whole": round(full_val, 4),
         "val_tokens": int(val_tokens), "val_curve": curve, "peak_mem_mib": round(peak, 1),
-        "cache_kind": kind, "decode_path": PATHS[kind], "greedy_tokens": greedy,
+        "cache_kind": kind, "decode_path": decode_path(model), "greedy_tokens": greedy,
         "cache_bytes_per_token": cache["measured"] if cache else None,
         "cache_formula": f"n_layer * ({cache['formula_text']}) * {cache['dtype'].replace('torch.', '')}"
                          if cache else None,

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmlab.kernels.flash_mla import check_inputs, flash_mla_path
+from llmlab.kernels.dispatch import check_inputs, flash_mla_path
 
 # Untuned defaults (never run on a GPU yet; benchmarks/flash_mla_gpu.py sweeps alternatives):
 # 16 rows x 512 fp32 accumulator per program, 32-token tiles (32 x 576 bf16 = 36 KB per stage).

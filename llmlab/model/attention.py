@@ -1,19 +1,33 @@
-"""Causal self-attention: multi-head with optional shared key/value heads (GQA, MQA), computed by
-either backend: `manual` (q·kᵀ/√d, explicit mask, softmax, dropout, ·v, as in nanoGPT) or `sdpa`
-(torch.nn.functional.scaled_dot_product_attention)."""
+"""Causal self-attention: multi-head with optional shared key/value heads (GQA, MQA), and the
+attention implementations a Runtime picks from (llmlab.runtime): `manual` (q·kᵀ/√d, explicit
+mask, softmax, dropout, ·v, as in nanoGPT) or `sdpa` (torch.nn.functional.scaled_dot_product_attention).
+An implementation is chosen once, when the model is built or given a runtime (`use_runtime`)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.config import ModelConfig
-from llmlab.model.cache import CacheView, KVCache
+from llmlab.model.cache import CachedTensor, CacheStep
 from llmlab.model.positions import Rotary, apply_rope
-from llmlab.registry import lookup, register
+from llmlab.registry import register
+
+
+@dataclass(frozen=True)
+class AttentionImpl:
+    """An attention implementation: `dense(q, k, v, mask, dropout_p)` serves training, prefill and
+    reads of a cache; `latent_decode`, where set, computes MLA's cached steps straight from a paged
+    pool (a fused kernel) instead of MLA's own absorbed attention. `kinds`: the attention kinds it
+    implements (empty: all); `needs_cache`: the cache kind its cached path reads."""
+    dense: Callable
+    latent_decode: Optional[Callable] = None
+    kinds: tuple[str, ...] = ()
+    needs_cache: Optional[str] = None
 
 
 def causal_mask(t: int, s: int, device) -> torch.Tensor:
@@ -21,7 +35,6 @@ def causal_mask(t: int, s: int, device) -> torch.Tensor:
     return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
 
 
-@register("attn_backend", "manual")
 def manual_attention(q, k, v, mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
     """q, k: (B, H, T, hd), (B, Hkv, S, hd); v: (B, Hkv, S, hv) with H a multiple of Hkv; mask:
     additive (0 / -inf) or boolean (True = attend), broadcastable to (B, H, T, S), or None for plain
@@ -42,7 +55,6 @@ def manual_attention(q, k, v, mask: Optional[torch.Tensor], dropout_p: float) ->
     return (att @ v.unsqueeze(2)).view(b, h, t, v.shape[-1])
 
 
-@register("attn_backend", "sdpa")
 def sdpa_attention(q, k, v, mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
@@ -64,13 +76,8 @@ def decode_attention(q, k, v, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return (p.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(b, h, 1, v.shape[-1])
 
 
-def attend(backend: str, q, k, v, view: Optional[CacheView], dropout_p: float) -> torch.Tensor:
-    """The attention of q over k, v as the config's backend computes it; a one-token step of the
-    compiled decode (view.fused_decode) runs as fused reductions instead (same function)."""
-    mask = None if view is None else view.mask
-    if view is not None and view.fused_decode and q.shape[2] == 1 and dropout_p == 0.0:
-        return decode_attention(q, k, v, mask)
-    return lookup("attn_backend", backend)(q, k, v, mask, dropout_p)
+register("attention_impl", "manual")(AttentionImpl(manual_attention))
+register("attention_impl", "sdpa")(AttentionImpl(sdpa_attention))
 
 
 @register("attention", "mha")
@@ -87,35 +94,43 @@ class CausalSelfAttention(nn.Module):
         self.proj.residual_proj = True  # scaled init (see Transformer._init_weights)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.backend = config.attn_backend
+        self.use_impl(AttentionImpl(sdpa_attention))
+
+    def use_impl(self, impl: AttentionImpl) -> None:
+        """The implementation this layer computes with (Transformer.use_runtime picks it)."""
+        self.attend = impl.dense
 
     @staticmethod
     def rotary_dim(config: ModelConfig) -> int:
         return config.head_size  # RoPE rotates the whole of every q and k head
 
     @staticmethod
-    def cache_values_per_token(config: ModelConfig) -> int:
-        return 2 * config.kv_heads * config.head_size  # a key and a value per shared head
+    def cache_spec(config: ModelConfig) -> dict[str, CachedTensor]:
+        """A key and a value per shared head and token, stored (blocks, Hkv, tokens, hd)."""
+        per_token = CachedTensor((config.kv_heads, config.head_size), seq_dim=1)
+        return {"k": per_token, "v": per_token}
 
     @staticmethod
     def cache_formula(config: ModelConfig) -> str:
         return f"2*n_kv_head*head_dim = 2*{config.kv_heads}*{config.head_size}"
 
-    def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
-        return KVCache(batch, self.n_kv_head, max_len, self.head_dim, dtype, device)
-
-    def forward(self, x: torch.Tensor, rotary: Rotary = None, view: Optional[CacheView] = None, layer: int = 0):
+    def forward(self, x: torch.Tensor, rotary: Rotary = None, step: Optional[CacheStep] = None, layer: int = 0):
         b, t, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
         q = q.view(b, t, self.n_head, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(b, t, self.n_kv_head, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(b, t, self.n_kv_head, hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_head, hd)  # (B, T, Hkv, hd): token-major, as the cache stores it
+        v = v.view(b, t, self.n_kv_head, hd)
         if rotary is not None:
-            q, k = apply_rope(q, *rotary), apply_rope(k, *rotary)
-        if view is not None:  # (B, Hkv, S, hd): every slot, masked by view.mask
-            k, v = view.update(layer, k, v)
-        y = attend(self.backend, q, k, v, view, self.dropout if self.training else 0.0)  # (B, H, T, hd)
+            q, k = apply_rope(q, *rotary), apply_rope(k.transpose(1, 2), *rotary).transpose(1, 2)
+        if step is None:  # training, or a forward without a cache: plain causal attention
+            y = self.attend(q, k.transpose(1, 2), v.transpose(1, 2), None, self.dropout if self.training else 0.0)
+        else:
+            step.write(layer, k=k, v=v)
+            if step.prefill:  # every row starts here: its own tokens are all there is to see
+                y = self.attend(q, k.transpose(1, 2), v.transpose(1, 2), step.own_mask(q.dtype), 0.0)
+            else:  # (B, Hkv, S, hd) every stored token of each row
+                kc, vc, mask = step.read(layer, "k"), step.read(layer, "v"), step.mask(q.dtype)
+                y = decode_attention(q, kc, vc, mask) if step.fused and t == 1 else self.attend(q, kc, vc, mask, 0.0)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * hd)
         return self.resid_dropout(self.proj(y))
-

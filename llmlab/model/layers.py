@@ -1,6 +1,8 @@
 """Norms and MLPs, each picked by name from the config."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,10 +40,11 @@ class SwiGLU(nn.Module):
     """Llama feed-forward: down(silu(gate(x)) * up(x)). gate and up are one fused matmul (`fc`),
     gate rows first, so a Llama checkpoint maps by concatenating gate_proj and up_proj."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hidden: Optional[int] = None):  # hidden: MoE experts' width
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 2 * config.ffn_size, bias=config.bias)
-        self.proj = nn.Linear(config.ffn_size, config.n_embd, bias=config.bias)
+        hidden = config.ffn_size if hidden is None else hidden
+        self.fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.proj.residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -50,5 +53,5 @@ class SwiGLU(nn.Module):
         return self.dropout(self.proj(F.silu(gate) * up))
 
 
-def build_mlp(config: ModelConfig) -> nn.Module:
-    return lookup("mlp", config.mlp)(config)
+def build_mlp(config: ModelConfig, layer: int = 0) -> nn.Module:
+    return lookup("mlp", config.mlp_for_layer(layer))(config)

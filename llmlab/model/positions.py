@@ -3,7 +3,10 @@ queries and keys inside attention (`rotary`); the model calls both and each kind
 
 `pos` is a LongTensor of positions, shape (T,) shared by all rows or (B, T) per row. Tables that
 grow (sinusoidal, RoPE) are grown by the model before a forward (`ensure_length`, from Python ints:
-no device-to-host sync inside the forward, so it compiles as one graph).
+no device-to-host sync inside the forward, so it compiles as one graph). A cache holds its own cut
+of them (`tables(max_len)`), passed back as `tables`: the compiled decode step reads them as inputs
+whose length stays dynamic, so growing the module's tables for a longer generation never
+recompiles it.
 
 RoPE rotates as many channels as the attention kind asks for (`rotary_dim`): the whole head for
 multi-head attention, only the decoupled rope slice for multi-head latent attention.
@@ -31,14 +34,18 @@ class NoPositions(nn.Module):
     def __init__(self, config: Optional[ModelConfig] = None, rotary_dim: int = 0):
         super().__init__()
 
-    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, pos: torch.Tensor, tables: tuple = ()) -> torch.Tensor:
         return x
 
-    def rotary(self, pos: torch.Tensor) -> Rotary:
+    def rotary(self, pos: torch.Tensor, tables: tuple = ()) -> Rotary:
         return None
 
     def ensure_length(self, n: int) -> None:
         pass
+
+    def tables(self, n: int) -> tuple:
+        """This kind's fixed tables cut to `n` positions (views), for a cache to hand back."""
+        return ()
 
 
 @register("position", "learned")
@@ -53,7 +60,7 @@ class LearnedPositions(NoPositions):
     def reset_parameters(self) -> None:  # Transformer.init_weights; draws what randn(...) * 0.02 draws
         nn.init.normal_(self.weight, std=0.02)
 
-    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, pos: torch.Tensor, tables: tuple = ()) -> torch.Tensor:
         return x + self.weight[pos]
 
 
@@ -104,8 +111,12 @@ class SinusoidalPositions(NoPositions):
         if n > self.table.shape[0]:
             self.table = self._table(n).to(self.table.device)
 
-    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return x + self.table[pos].to(x.dtype)
+    def tables(self, n: int) -> tuple:
+        return (self.table[:n],)
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor, tables: tuple = ()) -> torch.Tensor:
+        table = tables[0] if tables else self.table
+        return x + table[pos].to(x.dtype)
 
 
 def rope_tables(n: int, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +158,12 @@ class RotaryPositions(NoPositions):
             cos, sin = rope_tables(n, self.dim, self.theta)
             self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
 
-    def rotary(self, pos: torch.Tensor) -> Rotary:
-        cos, sin = self.cos[pos], self.sin[pos]  # (T, hd) or (B, T, hd)
+    def tables(self, n: int) -> tuple:
+        return self.cos[:n], self.sin[:n]
+
+    def rotary(self, pos: torch.Tensor, tables: tuple = ()) -> Rotary:
+        cos, sin = tables if tables else (self.cos, self.sin)
+        cos, sin = cos[pos], sin[pos]  # (T, hd) or (B, T, hd)
         if pos.dim() == 2:  # per-row positions: add the head axis -> (B, 1, T, hd)
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return cos, sin

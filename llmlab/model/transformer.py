@@ -1,5 +1,6 @@
 """The one generic decoder-only Transformer. Every rung of the ladder is this class with another
-ModelConfig; attention, positions, norms and MLPs are modules built from the config's kinds."""
+ModelConfig (what the weights are) and Runtime (how they run); attention, positions, norms and MLPs
+are modules built from the config's kinds, the attention implementation from the runtime's."""
 from __future__ import annotations
 
 import math
@@ -11,30 +12,34 @@ import torch.nn.functional as F
 
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
-from llmlab.model import attention, mla  # noqa: F401 - register attention="mha", "mla" and the backends
-from llmlab.model.cache import InferenceCache
+from llmlab.model import attention, mla, moe  # noqa: F401 - register attention="mha"/"mla", their implementations, mlp="moe"
+from llmlab.model.cache import CacheStep, DenseCache
 from llmlab.model.layers import build_mlp, build_norm
+from llmlab.model.paged_cache import PagedCache
 from llmlab.model.positions import build_positions
 from llmlab.registry import lookup
+from llmlab.runtime import Runtime
+
+CACHES = {"dense": DenseCache, "paged": PagedCache}
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.norm1 = build_norm(config)
         self.attn = lookup("attention", config.attention)(config)
         self.norm2 = build_norm(config)
-        self.mlp = build_mlp(config)
+        self.mlp = build_mlp(config, layer)  # an MoE model's first layers may stay dense
 
-    def forward(self, x, rotary=None, view=None, layer: int = 0):
-        x = x + self.attn(self.norm1(x), rotary, view, layer)
+    def forward(self, x, rotary=None, step=None, layer: int = 0):
+        x = x + self.attn(self.norm1(x), rotary, step, layer)
         return x + self.mlp(self.norm2(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, runtime: Optional[Runtime] = None):
         super().__init__()
         config.validate()
         self.config = config
@@ -45,13 +50,24 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos = build_positions(config, lookup("attention", config.attention).rotary_dim(config))
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = build_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         torch.set_rng_state(rng)
         self.init_weights()
+        self.use_runtime(runtime or Runtime())
+
+    def use_runtime(self, runtime: Runtime) -> "Transformer":
+        """Run with `runtime` from now on: each attention layer takes its implementation (chosen
+        here, once); generation's cache kind and compile default come from it. Weights unchanged."""
+        runtime.validate(self.config)
+        impl = lookup("attention_impl", runtime.attention)
+        for block in self.blocks:
+            block.attn.use_impl(impl)
+        self.runtime = runtime
+        return self
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -89,46 +105,61 @@ class Transformer(nn.Module):
             n -= sum(p.numel() for p in self.pos.parameters())
         return n
 
+    def num_active_params(self, non_embedding: bool = False) -> int:
+        """Parameters one token runs through: num_params() less, in each MoE layer, the routed experts
+        it is not sent to ((n_routed_experts - num_experts_per_tok) experts' weights)."""
+        return self.num_params(non_embedding) - sum(m.idle_params() for m in self.modules() if isinstance(m, moe.MoE))
+
     # ---- inference cache -----------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None,
-                  device=None) -> InferenceCache:
-        """Allocate every layer's cache for `batch` rows of up to `max_len` tokens."""
+    def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, device=None,
+                  kind: Optional[str] = None):
+        """Every layer's cache for `batch` rows of up to `max_len` tokens, of `kind` (dense or
+        paged; default: the runtime's, dense for a runtime that recomputes), holding what the
+        attention kind keeps per token."""
+        for name, value in (("batch", batch), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LlmlabError(f"new_cache: {name} must be a positive integer, got {value!r}")
+        kind = kind or (self.runtime.cache if self.runtime.uses_cache else "dense")
+        if kind not in CACHES:
+            raise LlmlabError(f"new_cache: kind must be one of {', '.join(CACHES)}, got {kind!r}")
         limit = self.pos.max_positions
         if limit is not None and max_len > limit:
             raise LlmlabError(f"cache length {max_len} exceeds block_size {limit} of learned positions")
         self.pos.ensure_length(max_len)
         param = self.tok_emb.weight
         dtype, device = dtype or param.dtype, device or param.device
-        if getattr(self.blocks[0].attn, "paged", False):  # the attention kind keeps one paged pool
-            return self.blocks[0].attn.new_paged_cache(len(self.blocks), batch, max_len, dtype, device)
-        layers = [blk.attn.new_cache(batch, max_len, dtype, device) for blk in self.blocks]
-        return InferenceCache(layers, batch, max_len, device)
+        spec = lookup("attention", self.config.attention).cache_spec(self.config)
+        extra = {"block_size": self.runtime.block_size} if kind == "paged" else {}
+        return CACHES[kind](spec, len(self.blocks), batch, max_len, dtype, device, self.pos.tables(max_len), **extra)
 
     # ---- forward --------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, cache: Optional[InferenceCache] = None,
-                input_pos: Union[torch.Tensor, int, None] = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache=None, input_pos: Union[torch.Tensor, int, None] = None,
+                step: Optional[CacheStep] = None) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, vocab).
 
         Without a cache the T tokens sit at positions 0..T-1 (plain causal attention). With one,
-        they are written at cache slots `input_pos` (a (T,) tensor, or the int of the first slot)
-        and attend to everything cached before them."""
+        they are written at cache slots `input_pos` (the int of the first slot, or a (T,) tensor)
+        and attend to everything cached before them. `step`: a CacheStep already made (the
+        compiled decode step makes its own; see llmlab.compiled)."""
         b, t = idx.shape
-        if cache is None:
+        if step is None and cache is not None:
+            start = 0 if input_pos is None else input_pos if isinstance(input_pos, int) else int(input_pos[0])
+            cache.prepare(start, t, b)  # host work (a paged cache places the tokens), before the forward
+            slots = torch.arange(start, start + t, device=idx.device)
+            step = cache.begin(slots, b, prefill=start == 0)
+        if step is None:
             limit = self.pos.max_positions
             if limit is not None and t > limit:
                 raise LlmlabError(f"sequence length {t} exceeds block_size {limit}; "
                                   "crop the input (learned positions end there)")
             self.pos.ensure_length(t)  # a Python int: no host sync in the (compiled) forward
-            pos = torch.arange(t, device=idx.device)
-            view = None  # plain causal: SDPA's is_causal / the manual tril mask
+            pos, tables = torch.arange(t, device=idx.device), ()
         else:  # the cache's tables were sized by new_cache
-            if isinstance(input_pos, int) or input_pos is None:
-                input_pos = torch.arange(input_pos or 0, (input_pos or 0) + t, device=idx.device)
-            pos, view = cache.begin(input_pos, b, self.tok_emb.weight.dtype)
-        x = self.drop(self.pos.embed(self.tok_emb(idx), pos))
-        rotary = self.pos.rotary(pos)
+            pos, tables = step.positions, step.tables
+        x = self.drop(self.pos.embed(self.tok_emb(idx), pos, tables))
+        rotary = self.pos.rotary(pos, tables)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, view, i)
+            x = block(x, rotary, step, i)
         return self.lm_head(self.norm_f(x))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

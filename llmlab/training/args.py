@@ -16,6 +16,8 @@ from llmlab.settings import check_choices
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias",
                "attention", "position", "norm", "mlp", "tie_embeddings", "kv_lora_rank")
 PARALLEL = ("none", "ddp", "fsdp")
+MAX_SAMPLE_TOKENS = 100_000  # the end-of-training sample: a glance, not a book
+MAX_VOCAB = 1 << 20  # BPE training allocates per id: far past any real vocabulary (256k) is a typo
 TOKENIZERS = ("byte", "char", "bpe")
 
 
@@ -71,6 +73,9 @@ class TrainArgs:
     parallel: str = _("none", "torch.distributed data parallelism over the ranks torchrun starts",
                       choices=PARALLEL)
     activation_checkpointing: bool = _(False, "with --parallel: recompute each block in backward (less memory)")
+    moe_bias_rate: float = _(0.001, "MoE: gamma, how far each expert's selection bias moves toward equal load "
+                                    "every step (DeepSeek-V3 auxiliary-loss-free balancing; 0: off)")
+    moe_aux_weight: float = _(0.0, "MoE: alpha, weight of the sequence-wise balance loss (0: off)")
     resume: bool = _(False, "continue the run in --out from its last checkpoint")
     seed: int = _(1337, "random seed (weights, data order, dropout)")
     sample_tokens: int = _(200, "tokens of sample text printed at the end (0: none)")
@@ -79,7 +84,9 @@ class TrainArgs:
     def validate(self) -> None:
         """Ranges the types alone do not give; the same checks for flags, TOML files and Python."""
         check_choices(self)
-        checks = [(self.lr > 0, f"--lr must be positive, got {self.lr}"),
+        checks = [(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a finite number > 0, got {self.lr}"),
+                  (0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}"),
+                  (1 <= self.vocab_size <= MAX_VOCAB, f"--vocab-size must be in [1, {MAX_VOCAB:,}], got {self.vocab_size}"),
                   (self.max_iters >= 0, f"--max-iters must be >= 0, got {self.max_iters}"),
                   (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
                   (self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}"),
@@ -91,17 +98,25 @@ class TrainArgs:
                    f"--batch-threads {self.batch_threads} needs --batch-size >= {self.batch_threads} (one row a shard)"),
                   (self.lr_decay_iters is None or self.lr_decay_iters >= 1,
                    f"--lr-decay-iters must be >= 1, got {self.lr_decay_iters}"),
-                  (self.min_lr is None or self.min_lr >= 0, f"--min-lr must be >= 0, got {self.min_lr}"),
+                  (self.min_lr is None or (self.min_lr >= 0 and math.isfinite(self.min_lr)),
+                   f"--min-lr must be a finite number >= 0, got {self.min_lr}"),
                   # the cosine would climb from lr to min_lr: a typo, not a schedule
                   (self.min_lr is None or self.min_lr <= self.lr,
                    f"--min-lr {self.min_lr} is above --lr {self.lr}; it must be <= it"),
                   (0 <= self.beta1 < 1, f"--beta1 must be in [0, 1), got {self.beta1}"),
                   (0 <= self.beta2 < 1, f"--beta2 must be in [0, 1), got {self.beta2}"),
-                  (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+                  (self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+                   f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"),
                   # NaN compares false with everything, so `>= 0` refuses it too
                   (self.grad_clip >= 0 and math.isfinite(self.grad_clip),
                    f"--grad-clip must be a finite number >= 0 (0: no clipping), got {self.grad_clip}"),
-                  (self.sample_tokens >= 0, f"--sample-tokens must be >= 0 (0: none), got {self.sample_tokens}"),
+                  (self.moe_bias_rate >= 0 and math.isfinite(self.moe_bias_rate),
+                   f"--moe-bias-rate must be a finite number >= 0 (0: off), got {self.moe_bias_rate}"),
+                  (self.moe_aux_weight >= 0 and math.isfinite(self.moe_aux_weight),
+                   f"--moe-aux-weight must be a finite number >= 0 (0: off), got {self.moe_aux_weight}"),
+                  (0 <= self.sample_tokens <= MAX_SAMPLE_TOKENS,
+                   f"--sample-tokens must be in [0, {MAX_SAMPLE_TOKENS:,}] (0: none; `llmlab sample` writes more), "
+                   f"got {self.sample_tokens}"),
                   (self.out is None or str(self.out).strip() != "", "--out is empty; pass a run directory"),
                   (self.parallel in PARALLEL, f"--parallel must be one of {', '.join(PARALLEL)}, got {self.parallel}"),
                   # shards add their gradients straight into .grad, past the hooks DDP and FSDP sync with

@@ -4,6 +4,7 @@ checkpoints, in the single-process format (safetensors + JSON, llmlab.checkpoint
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,7 +12,9 @@ import torch
 
 from llmlab import checkpoint as ckpt
 from llmlab.errors import LlmlabError
+from llmlab.fsutil import atomic_write_bytes
 from llmlab.training import dcp
+from llmlab.training.rundir import open_no_follow
 
 
 class MetricsLog:
@@ -24,11 +27,10 @@ class MetricsLog:
             return
         if keep_until is not None and path.exists():  # resume: drop lines the crashed run wrote late
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and self._keep(ln, keep_until)]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            tmp.replace(path)
+            kept.append(json.dumps({"step": keep_until, "resumed_at": keep_until}))  # `llmlab plot` marks it
+            atomic_write_bytes(path, "".join(ln + "\n" for ln in kept).encode())
         elif keep_until is None:
-            path.write_text("")
+            os.close(open_no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
 
     @staticmethod
     def _keep(line: str, step: int) -> bool:
@@ -36,12 +38,12 @@ class MetricsLog:
             rec = json.loads(line)
         except ValueError:
             return False  # a line cut short by a kill
-        return rec["step"] <= step if "val_loss" in rec else rec["step"] < step
+        return rec["step"] <= step if "val_loss" in rec else rec["step"] < step  # a resume's line is redone
 
     def write(self, **rec: Any) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as fh:
+        with os.fdopen(open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
 
@@ -62,13 +64,14 @@ def _set_rng_and_sampler(tensors: dict[str, torch.Tensor], sampler) -> None:
 
 
 def save(out: Path, model, opt, sampler, tokenizer, train_args: dict, step: int, val_loss: float,
-         best_val: float, ranks) -> float:
+         best_val: float, ranks, run_state: Optional[dict] = None) -> float:
     """Write last/ (full train state); also best/ (weights) when val improved. Returns best val.
-    Under --parallel every rank calls it."""
-    state = {"step": step, "val_loss": val_loss, "best_val_loss": min(best_val, val_loss)}
+    Under --parallel every rank calls it. `run_state`: what the run records beside the step (its
+    number of ranks, the sha256 of its data)."""
+    state = (run_state or {}) | {"step": step, "val_loss": val_loss, "best_val_loss": min(best_val, val_loss)}
     if ranks.active:
-        meta = {"model": model.config.to_dict(), "tokenizer": getattr(tokenizer, "kind", None),
-                "train": train_args, "state": state}
+        meta = {"model": model.config.to_dict(), "runtime": model.runtime.to_dict(),
+                "tokenizer": getattr(tokenizer, "kind", None), "train": train_args, "state": state}
         dcp.save(out / "last", model, opt, _rng_and_sampler(sampler), meta, tokenizer, ranks)
         if val_loss < best_val:
             dcp.gather_to_single(out / "best", model, model.config, tokenizer, train_args, state, ranks)
@@ -85,6 +88,7 @@ def restore(last: Path, model, opt, sampler, ranks) -> tuple[int, float]:
     """Load last/ into model, optimizer, sampler and RNG; returns (step, best val loss)."""
     meta = ckpt.read_meta(last)
     sharded = dcp.is_sharded(last)
+    ckpt.check_train_state(meta, last, sharded)
     if sharded != ranks.active:
         how = "with --parallel (sharded)" if sharded else "by one process without --parallel"
         raise LlmlabError(f"{last} was saved {how}; resume it the same way (or `llmlab convert {last} "

@@ -20,6 +20,7 @@ import torch.nn as nn
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
 from llmlab.model import Transformer
+from llmlab.runtime import Runtime
 from llmlab.training.device import use_bf16
 
 
@@ -42,6 +43,14 @@ class Ranks:
         t = torch.tensor([value], dtype=torch.float64, device=_reduce_device())
         dist.all_reduce(t)
         return t.item() / self.world
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the ranks (one all-reduce; every rank gets it)."""
+        if not self.active:
+            return t
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
 
     def barrier(self) -> None:
         if self.active:
@@ -125,18 +134,20 @@ def _built(config: ModelConfig) -> Transformer:
 
 
 def build(config: ModelConfig, parallel: str, device: str, ranks: Ranks, seed: int,
-          activation_checkpointing: bool = False, compile: bool = False) -> Parallel:
+          activation_checkpointing: bool = False, compile: bool = False, runtime: Optional[Runtime] = None) -> Parallel:
     """The model for `parallel` ('none', 'ddp' or 'fsdp'), initialised from torch's RNG at `seed`
-    so that every world size starts from the weights one process would."""
+    so that every world size starts from the weights one process would; it runs with `runtime`
+    (the attention implementation; saved with its checkpoints as the run's default)."""
+    runtime = runtime or Runtime()
     if parallel == "none":
         torch.manual_seed(seed)
-        return Parallel(_built(config).to(device), loss_fn=None)  # TrainStep compiles model.loss
+        return Parallel(_built(config).use_runtime(runtime).to(device), loss_fn=None)  # TrainStep compiles model.loss
     torch.manual_seed(seed)
     if parallel == "ddp":
-        model = _built(config).to(device)
+        model = _built(config).use_runtime(runtime).to(device)
     else:
         with torch.device("meta"):  # no memory yet: the weights are allocated as shards below
-            model = Transformer(config)
+            model = Transformer(config, runtime)
     if activation_checkpointing:
         _checkpoint_activations(model)
     if compile:  # per block, before sharding (torchtitan's order); FSDP's hooks stay outside the graphs

@@ -15,6 +15,28 @@ from typing import Optional
 from llmlab.errors import LlmlabError
 
 LOCK_FILE = ".lock"
+# Every name train writes in a run folder (files, or directories it replaces by rename)
+RUN_ENTRIES = (LOCK_FILE, "metrics.jsonl", "last", "best", ".last.tmp", ".last.old", ".best.tmp", ".best.old")
+
+
+def refuse_links(out: Path) -> None:
+    """A link in a run folder would be written through: `.lock -> ~/.bashrc` truncated by the lock,
+    `metrics.jsonl -> notes` appended to. llmlab never follows one there; it refuses in one line."""
+    for name in RUN_ENTRIES:
+        if (out / name).is_symlink():
+            raise LlmlabError(f"{out / name} is a symbolic link; llmlab never writes through links in a run "
+                              "folder: remove the link (or choose another --out)")
+
+
+def open_no_follow(path: Path, flags: int) -> int:
+    """os.open that fails instead of following a link planted after the check (O_NOFOLLOW)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        if path.is_symlink():
+            raise LlmlabError(f"{path} is a symbolic link; llmlab never writes through links in a run folder: "
+                              "remove it") from None
+        raise
 
 
 class RunLock:
@@ -24,7 +46,8 @@ class RunLock:
     def __init__(self, out: Path):
         self.out, self.created = Path(out), not Path(out).exists()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.out / LOCK_FILE, "a+")
+        refuse_links(self.out)
+        self.fh = os.fdopen(open_no_follow(self.out / LOCK_FILE, os.O_RDWR | os.O_CREAT), "r+")
         try:
             fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -47,9 +70,16 @@ class RunLock:
 
 def _state(directory: Path) -> Optional[dict]:
     try:
-        return json.loads((directory / "config.json").read_text()).get("state", {})
+        meta = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    state = meta.get("state") if isinstance(meta, dict) else None
+    return state if isinstance(state, dict) else None
+
+
+def _number(x) -> Optional[float]:
+    """A number from a config.json a user may have edited; anything else counts as unknown."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
 def recover(out: Path) -> list[str]:
@@ -61,11 +91,12 @@ def recover(out: Path) -> list[str]:
             os.replace(old, target)
             done.append(f"recovered {target} from {old.name} (a checkpoint swap was interrupted)")
         shutil.rmtree(out / f".{name}.tmp", ignore_errors=True)  # a write that never finished
-    last, best = _state(out / "last"), _state(out / "best")
-    if last is not None and last.get("val_loss") is not None and last["val_loss"] <= last.get("best_val_loss", 0) \
-            and (best is None or last["val_loss"] < best.get("val_loss", float("inf"))):
+    last, best = _state(out / "last") or {}, _state(out / "best")
+    val, best_val = _number(last.get("val_loss")), _number(last.get("best_val_loss"))
+    if val is not None and best_val is not None and val <= best_val \
+            and (best is None or val < (_number(best.get("val_loss")) or float("inf"))):
         _best_from_last(out)  # last/ holds the best weights but best/ was not written (killed)
-        done.append(f"rebuilt {out / 'best'} from {out / 'last'} (val loss {last['val_loss']:.4f}; "
+        done.append(f"rebuilt {out / 'best'} from {out / 'last'} (val loss {val:.4f}; "
                     "its write was interrupted)")
     return done
 

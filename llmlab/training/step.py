@@ -15,6 +15,7 @@ from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
 from llmlab.model import Transformer
 from llmlab.shards import BatchShards
+from llmlab.training.balance import ExpertBalance
 from llmlab.training.device import autocast_for
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -27,11 +28,13 @@ class StepConfig:
     compile: bool = False
     batch_threads: int = 1
     device: str = "cpu"
+    moe_bias_rate: float = 0.0  # gamma of MoE balancing (llmlab.training.balance)
+    moe_aux_weight: float = 0.0  # alpha of the sequence-wise balance loss
 
     @classmethod
     def of(cls, a, device: str) -> "StepConfig":
         """The step's part of TrainArgs `a`."""
-        return cls(a.grad_accum, a.grad_clip, a.compile, a.batch_threads, device)
+        return cls(a.grad_accum, a.grad_clip, a.compile, a.batch_threads, device, a.moe_bias_rate, a.moe_aux_weight)
 
     def check(self, config: ModelConfig) -> None:
         if self.batch_threads > 1 and not self.device.startswith("cpu"):
@@ -40,6 +43,9 @@ class StepConfig:
             raise LlmlabError(f"--batch-threads needs dropout 0 and this model has dropout {config.dropout} "
                               "(a resumed run keeps its own): dropout masks come from one global random "
                               "generator that concurrent shards would draw from in no fixed order")
+        if self.batch_threads > 1 and self.moe_aux_weight > 0 and config.mlp == "moe":
+            raise LlmlabError("--moe-aux-weight needs --batch-threads 1: each MoE layer keeps the balance loss of "
+                              "its last forward, which concurrent shards would overwrite")
 
 
 def make_optimizer(model: Transformer, weight_decay: float, betas: tuple[float, float], lr: float) -> torch.optim.AdamW:
@@ -63,12 +69,14 @@ class TrainStep:
     Under torch.distributed (llmlab.training.parallel) the caller passes the wrapped model's
     `loss_fn`, `sync(last)` (a context: DDP's no_sync for all but the last micro-batch) and
     `reduce` (the mean of a float over the ranks): the step then decides on the global loss, so a
-    NaN on any rank skips the update on every rank alike."""
+    NaN on any rank skips the update on every rank alike; and `reduce_sum` (a tensor summed over the
+    ranks), which sums MoE expert loads so that every rank moves its balancing biases alike."""
 
     def __init__(self, model: Transformer, opt: torch.optim.Optimizer, cfg: StepConfig,
                  loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
                  sync: Optional[Callable[[bool], ContextManager]] = None,
-                 reduce: Optional[Callable[[float], float]] = None):
+                 reduce: Optional[Callable[[float], float]] = None,
+                 reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         cfg.check(model.config)
         self.model, self.opt, self.cfg = model, opt, cfg
         self.sync = sync or (lambda last: nullcontext())
@@ -77,6 +85,9 @@ class TrainStep:
         # builds single-threaded kernels (it fixes their thread count at compile time).
         self.shards = BatchShards(model.parameters(), cfg.batch_threads) if cfg.batch_threads > 1 else None
         self.fwd = loss_fn or compile_loss(model, cfg.compile, cfg.device)
+        # MoE: the balancing bias update after each step, and its statistics (`stats`) for the log
+        self.balance = ExpertBalance(model, cfg.moe_bias_rate, cfg.moe_aux_weight, reduce_sum)
+        self.stats: dict[str, list[float]] = {}
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast_for(self.cfg.device):
@@ -96,13 +107,17 @@ class TrainStep:
                 continue
             with self.sync(i == accum - 1):
                 loss = self._loss(x, y) / accum
-                loss.backward()
+                aux = self.balance.aux_loss()  # logged losses stay the cross-entropy
+                (loss if aux is None else loss + aux / accum).backward()
             loss_sum += loss.item()
         loss_sum = self.reduce(loss_sum)
         if math.isfinite(loss_sum):
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.opt.step()
+            self.stats = self.balance.step()
+        else:
+            self.balance.discard()
         self.opt.zero_grad(set_to_none=True)
         return loss_sum
 
