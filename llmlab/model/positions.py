@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from llmlab.config import ModelConfig
+from llmlab.model import yarn
 from llmlab.registry import lookup, register
 
 Rotary = Optional[tuple[torch.Tensor, torch.Tensor]]  # (cos, sin), each (T, hd) or (B, 1, T, hd)
@@ -119,13 +120,18 @@ class SinusoidalPositions(NoPositions):
         return x + table[pos].to(x.dtype)
 
 
-def rope_tables(n: int, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoFormer angles p * theta^(-2i/d) for i < d/2, repeated for the half-split layout:
-    channel j and j + d/2 form one rotating pair (the layout of Llama checkpoints in transformers)."""
+def rope_tables(n: int, dim: int, theta: float = 10000.0, config: Optional[ModelConfig] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoFormer angles p * theta^(-2i/d) for i < d/2 (YaRN's blend where `config` asks for it,
+    llmlab.model.yarn), repeated for the half-split layout: channel j and j + d/2 form one rotating
+    pair (the layout of Llama checkpoints in transformers). YaRN's attention factor multiplies cos and sin."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    factor = 1.0
+    if config is not None and config.rope_scaling == "yarn":
+        inv_freq, factor = yarn.inv_freq(inv_freq, config), yarn.attention_factor(config)
     angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (n, d/2)
     angles = torch.cat([angles, angles], dim=-1)  # (n, d)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * factor).float(), (angles.sin() * factor).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -144,18 +150,18 @@ class RotaryPositions(NoPositions):
 
     def __init__(self, config: ModelConfig, rotary_dim: int):
         super().__init__()
-        self.dim, self.theta = rotary_dim, config.rope_theta
-        cos, sin = rope_tables(config.block_size, self.dim, self.theta)
+        self.dim, self.config = rotary_dim, config
+        cos, sin = rope_tables(config.block_size, self.dim, config.rope_theta, config)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def reset_parameters(self) -> None:  # Transformer.init_weights: the tables after to_empty()
-        cos, sin = rope_tables(self.cos.shape[0], self.dim, self.theta)
+        cos, sin = rope_tables(self.cos.shape[0], self.dim, self.config.rope_theta, self.config)
         self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
 
     def ensure_length(self, n: int) -> None:
         if n > self.cos.shape[0]:
-            cos, sin = rope_tables(n, self.dim, self.theta)
+            cos, sin = rope_tables(n, self.dim, self.config.rope_theta, self.config)
             self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
 
     def tables(self, n: int) -> tuple:
