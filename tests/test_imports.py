@@ -8,15 +8,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "llmlab"
 
-# Known cycles, each the set of modules of one strongly connected component at the time it was
-# listed. The lead is removing them (issue #18: checkpoint -> train shim -> training.loop ->
-# checkpoint; the Flash MLA dispatch and its Triton kernel). A component may shrink or vanish;
-# it may not grow, and no other may appear. Delete an entry once its cycle is gone.
-KNOWN_CYCLES = [
-    {"llmlab.checkpoint", "llmlab.generation", "llmlab.sample", "llmlab.train", "llmlab.training.checkpoints",
-     "llmlab.training.dcp", "llmlab.training.loop", "llmlab.training.rundir"},
-    {"llmlab.kernels.flash_mla", "llmlab.kernels.flash_mla_triton"},
-]
+# Known cycles, each the set of modules of one strongly connected component when it was listed,
+# being removed elsewhere: a component may shrink or vanish, never grow, and no other may appear.
+# Delete an entry once its cycle is gone. The two listed with issue #18 (checkpoint -> train shim ->
+# training.loop -> checkpoint; kernels.flash_mla <-> kernels.flash_mla_triton) are gone on main.
+KNOWN_CYCLES: list[set[str]] = []
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
