@@ -326,3 +326,26 @@ def test_init_from_on_two_ranks_trains_like_one_process(tmp_path, corpus_file, p
     a, b = llmlab.load(ref / "best").state_dict(), llmlab.load(run / "best").state_dict()  # best/: gathered
     for k, v in a.items():  # Adam turns float-sum-order noise in a near-zero gradient into ~lr-sized steps
         torch.testing.assert_close(b[k], v, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_finetune_shakespeare_recipe_runs_at_tiny_scale(tmp_path, shakespeare):
+    """benchmarks/finetune_shakespeare.py end to end at toy sizes (each run in its own process):
+    the table, the JSON line and the PNG; the fine-tuned contestants start where the pretrained
+    model is, below the random one, and LoRA trains only its adapters."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "finetune_shakespeare.py"), "--tiny",
+                        "--data", str(shakespeare), "--out", str(out), "--pretrain-iters", "6", "--max-iters", "4",
+                        "--eval-interval", "2", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])["summary"]
+    assert "| lora |" in r.stdout and (out / "val_loss.png").stat().st_size > 10_000
+    assert summary["full"]["curve"]["0"] == summary["lora"]["curve"]["0"]  # both start at the pretrained model
+    assert summary["full"]["curve"]["0"] < summary["scratch"]["curve"]["0"]
+    assert summary["lora"]["trainable"] < summary["full"]["trainable"] == summary["scratch"]["trainable"]
+    assert summary["lora"]["optimizer_bytes"] < summary["full"]["optimizer_bytes"]
