@@ -146,9 +146,9 @@ def _from_source(values: dict, source, given: set[str]) -> dict:
     """The settings of a run started from `source`: its model shape, tokenizer and preset (flags
     given that contradict them are errors), the rest the new run's own."""
     cfg, tok = source.config, source.tokenizer
-    have = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_kv_head": cfg.kv_heads, "n_embd": cfg.n_embd,
-            "block_size": cfg.block_size, "bias": cfg.bias, "preset": source.preset, "tokenizer": tok.kind,
-            "vocab_size": tok.vocab_size}
+    have = {k: getattr(cfg, k) for k in MODEL_FLAGS} | {  # as the flags mean them: effective values
+        "n_kv_head": cfg.kv_heads, "kv_lora_rank": cfg.latent_dim if cfg.attention == "mla" else None,
+        "preset": source.preset, "tokenizer": tok.kind, "vocab_size": tok.vocab_size}
     for key in FROM_SOURCE:
         if key in given and values[key] is not None and values[key] != have[key]:
             theirs = "has no preset" if have[key] is None else f"has {key} {have[key]}"
