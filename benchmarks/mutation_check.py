@@ -104,6 +104,11 @@ MUTATIONS: list[Mutation] = [
       T_HF_MODEL, "token p gets position row p-1 (row 0 never used)"),
     M("padded_rows_positions", CACHE, "positions = (slots[None, :] - pad[:, None]).clamp_min(0)  # (B, T)",
       "positions = slots[None, :].expand(batch, -1)  # (B, T)", T_CACHE, "left-padded rows start at position pad, not 0"),
+    M("yarn_ramp_reversed", "llmlab/model/yarn.py", "return plain / s * (1 - extrapolate) + plain * extrapolate",
+      "return plain / s * extrapolate + plain * (1 - extrapolate)", ("tests/test_hf_yarn.py",),
+      "YaRN interpolates the fast dimensions and keeps the slow ones"),
+    M("yarn_mla_score_factor_dropped", MLA, "return self.attend(q * self.score_factor if self.score_factor != 1.0 else q,",
+      "return self.attend(q,", ("tests/test_hf_yarn.py",), "MLA's prefill forgets YaRN's mscale_all_dim score factor"),
     # ---- norms, MLPs, the block ------------------------------------------------------------
     M("rmsnorm_eps_dropped", LAY, "nn.RMSNorm(config.n_embd, eps=config.norm_eps)", "nn.RMSNorm(config.n_embd)",
       T_HF_MODEL, "RMSNorm uses torch's default eps instead of the config's"),
@@ -123,7 +128,8 @@ MUTATIONS: list[Mutation] = [
     M("residual_init_unscaled", TRF, "std /= math.sqrt(2 * self.config.n_layer)", "std /= 1.0", T_MODEL,
       "GPT-2's 1/sqrt(2L) init of residual projections dropped"),
     # ---- MLA -------------------------------------------------------------------------------
-    M("mla_scale_nope_only", MLA, "self.scale = 1.0 / math.sqrt(q_dim)", "self.scale = 1.0 / math.sqrt(self.d_nope)",
+    M("mla_scale_nope_only", MLA, "self.scale = self.score_factor / math.sqrt(q_dim)",
+      "self.scale = self.score_factor / math.sqrt(self.d_nope)",
       T_MLA, "absorbed scores scaled by 1/sqrt(d_nope), forgetting d_r"),
     M("mla_absorbed_wuk_wuv_swapped", MLA, "return w[:, : self.d_nope], w[:, self.d_nope:]",
       "return w[:, self.d_nope:], w[:, : self.d_nope]", T_MLA, "W_UK and W_UV exchanged in absorption"),

@@ -75,31 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare_parser(sub) -> None:
-    from llmlab.compare.runner import CompareSettings as S
+    from llmlab.compare.settings import CompareSettings
+    from llmlab.settings import add_flags
 
     p = sub.add_parser("compare", help="train several presets alike and measure them side by side: "
-                                       "report.md, results.json and plots")
-    p.add_argument("--presets", default="all", help="comma-separated rungs, or all (default all)")
-    p.add_argument("--out", default="runs/compare", help="comparison directory (default runs/compare); "
-                                                         "run again to reuse its finished presets")
-    p.add_argument("--fresh", action="store_true", help="retrain every preset instead of reusing finished ones")
-    p.add_argument("--data", help="text file, directory of text files, or 'shakespeare' (default: built-in)")
-    p.add_argument("--tokenizer", choices=["byte", "char", "bpe"], default=S.tokenizer)
-    for flag in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "eval_interval",
-                 "eval_iters", "seed", "decode_steps", "repeats"):
-        p.add_argument("--" + flag.replace("_", "-"), type=int, default=getattr(S, flag),
-                       help=f"default {getattr(S, flag)}")
-    p.add_argument("--lr", type=float, default=S.lr)
-    p.add_argument("--contexts", default="32,64,96", help="decode context lengths (default 32,64,96)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S.compile,
-                   help="also time the compiled decode step where it applies (10-30 s to compile per preset)")
-    p.add_argument("--val-tokens", type=int, default=None,
-                   help="the whole-split val loss over at most this many tokens (default: all of them)")
-    p.add_argument("--threads", type=int, default=S.threads, help="torch threads per preset (default 1: steady on a shared machine; 0: torch's default)")
-    p.add_argument("--device", default=S.device, help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--set", action="append", default=[], metavar="PRESET:KEY=VALUE",
-                   help="one preset's own setting, e.g. gqa:n_kv_head=1 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-preset lines")
+                                       "report.md with its claims table, results.json and plots",
+                       argument_default=argparse.SUPPRESS)
+    add_flags(p, CompareSettings)  # every flag comes from a field (help text and default there)
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -290,25 +272,13 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from llmlab.compare.runner import CompareSettings, parse_overrides, run_compare
-    from llmlab.presets import PRESETS
+    from llmlab.compare import CompareSettings, run_compare
 
-    names = [p.strip() for p in ns.presets.split(",") if p.strip()]
-    presets = list(PRESETS) if names == ["all"] else names
-    try:
-        contexts = [int(c) for c in ns.contexts.split(",") if c.strip()]
-    except ValueError:
-        raise LlmlabError(f"--contexts must be comma-separated positive integers, got {ns.contexts!r}") from None
-    keys = ("out", "fresh", "data", "tokenizer", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
-            "eval_interval", "eval_iters", "seed", "decode_steps", "repeats", "lr", "compile", "val_tokens", "threads", "device", "quiet")
-    settings = CompareSettings(presets=presets, contexts=contexts, overrides=parse_overrides(ns.set),
-                               **{k: getattr(ns, k) for k in keys})
-    results, paths = run_compare(settings)
-    failed = [r["preset"] for r in results if r["status"] != "ok"]
-    print(f"compared {len(results)} preset(s), {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
-    for what in ("report", "results", "val_loss", "decode", "cache"):
-        if what in paths:
-            print(f"wrote {paths[what]}")
+    doc, paths = run_compare(CompareSettings(**{k: v for k, v in vars(ns).items() if k != "command"}))
+    failed = [e["name"] for e in doc["entries"] if e["status"] != "ok"]
+    print(f"compared {len(doc['entries'])} preset(s), {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
+    for path in paths.values():
+        print(f"wrote {path}")
     return 1 if failed else 0
 
 

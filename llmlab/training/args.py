@@ -10,7 +10,11 @@ from typing import Any, Optional
 from llmlab.errors import LlmlabError
 from llmlab.settings import check_choices
 
-MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias")
+# The ModelConfig fields a flag can set over the preset's: sizes, then the kinds of part (a name
+# registered in llmlab/registry.py; an unknown one is ModelConfig's one-line error), so one change can
+# be isolated from a rung (`--preset rope --norm rmsnorm`; `llmlab compare --set NAME:norm=rmsnorm`).
+MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias",
+               "attention", "position", "norm", "mlp", "tie_embeddings", "kv_lora_rank")
 PARALLEL = ("none", "ddp", "fsdp")
 MAX_SAMPLE_TOKENS = 100_000  # the end-of-training sample: a glance, not a book
 MAX_VOCAB = 1 << 20  # BPE training allocates per id: far past any real vocabulary (256k) is a typo
@@ -39,6 +43,14 @@ class TrainArgs:
     block_size: Optional[int] = _(None, "context length in tokens", none=_PRESET)
     dropout: Optional[float] = _(None, "dropout probability", none=_PRESET)
     bias: Optional[bool] = _(None, "biases in linear layers and norms", none=_PRESET)
+    attention: Optional[str] = _(None, "attention kind: mha (MHA, or GQA/MQA with --n-kv-head) or mla (latent)",
+                                 none=_PRESET, metavar="KIND")
+    position: Optional[str] = _(None, "position kind: learned, sinusoidal, rope or none", none=_PRESET, metavar="KIND")
+    norm: Optional[str] = _(None, "norm kind: layernorm or rmsnorm", none=_PRESET, metavar="KIND")
+    mlp: Optional[str] = _(None, "MLP kind, e.g. gelu or swiglu", none=_PRESET, metavar="KIND")
+    tie_embeddings: Optional[bool] = _(None, "output head tied to the token embedding", none=_PRESET)
+    kv_lora_rank: Optional[int] = _(None, "MLA only: latent width d_c each token's keys and values come from",
+                                    none="4 x head size")
     batch_size: int = _(16, "sequences per rank and micro-batch: global batch = batch size x grad accum x ranks")
     grad_accum: int = _(1, "micro-batches accumulated per optimizer step")
     max_iters: int = _(600, "optimizer steps to train to")
