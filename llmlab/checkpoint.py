@@ -214,12 +214,11 @@ def save_merged(path: Path | str, out: Path) -> Path:
     """`llmlab convert RUN --merge-lora --out DIR`: a LoRA run's checkpoint with its adapters folded
     in, as a plain checkpoint (weights, config, tokenizer; no optimizer state)."""
     from llmlab.tokenizer import TOKENIZER_FILE, load_tokenizer
-    from llmlab.training.dcp import is_sharded
 
     directory = resolve_checkpoint(path)
-    if is_sharded(directory):
-        raise LlmlabError(f"{directory} is a sharded (--parallel) checkpoint: merge the run's best/, or "
-                          f"`llmlab convert {directory} --out DIR` first and merge DIR")
+    if not (directory / MODEL_FILE).is_file():  # a sharded (--parallel) last/ keeps its weights in dcp/
+        raise LlmlabError(f"{directory} has no {MODEL_FILE} (a sharded --parallel checkpoint?): merge the run's "
+                          f"best/, or `llmlab convert {directory} --out DIR` first and merge DIR")
     meta = read_meta(directory)
     adapters = lora_settings(meta, directory)
     if adapters is None:
