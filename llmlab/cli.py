@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-hf", help="Hugging Face model directory to import (with --out)")
     p.add_argument("--out", help="checkpoint directory to write (with --from-hf, or a sharded run_dir)")
     p.add_argument("--to-hf", help="directory to write the Hugging Face model to")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="fold a LoRA run's adapters into its weights (with --out: a plain checkpoint; "
+                        "--to-hf always merges them)")
     sub.add_parser("presets", help="list the rungs of the ladder")
     p = sub.add_parser("plot", help="PNG of train and val loss of a run")
     p.add_argument("run_dir")
@@ -213,6 +216,12 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
     if ns.to_hf and ns.out:
         raise LlmlabError("--to-hf DIR is where the export goes; --out does not apply to it: drop one of them")
+    if ns.merge_lora and ns.run_dir and ns.out and not ns.from_hf:
+        from llmlab.checkpoint import save_merged
+
+        save_merged(ns.run_dir, check_out_path(ns.out, "--out", directory=True))
+        print(f"converted {ns.run_dir} -> {ns.out} (LoRA adapters merged into the weights)")
+        return 0
     if ns.run_dir and ns.out and not ns.to_hf and not ns.from_hf and is_sharded(Path(ns.run_dir)):
         # the single-process rules: never into a run, a checkpoint, a non-empty folder or over a file
         out = check_out_path(ns.out, "--out", directory=True)
@@ -233,7 +242,8 @@ def cmd_convert(ns: argparse.Namespace) -> int:
         hf.convert_to_hf(ns.run_dir, ns.to_hf)
         print(f"converted {ns.run_dir} -> {ns.to_hf} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     else:
-        raise LlmlabError("use `llmlab convert --from-hf HF_DIR --out RUN_DIR`, `llmlab convert RUN_DIR --to-hf HF_DIR` "
+        raise LlmlabError("use `llmlab convert --from-hf HF_DIR --out RUN_DIR`, `llmlab convert RUN_DIR --to-hf HF_DIR`, "
+                          "`llmlab convert RUN --merge-lora --out DIR` (a LoRA run) "
                           "or `llmlab convert RUN/last --out DIR` (a sharded checkpoint)")
     return 0
 

@@ -299,7 +299,9 @@ def _check_safetensors_only(path: Path) -> None:
                           "(convert them to safetensors first)")
 
 
-def _load_hf_dir(path: Path):
+def check_hf_dir(path: Path):
+    """(transformers module, model class, HF config) of a local HF model directory, checked
+    without reading its weights: a supported architecture, a loadable config, safetensors only."""
     tf = _transformers()
     if not path.is_dir():
         raise LlmlabError(f"{path} is not a directory; from_hf reads a local Hugging Face model directory "
@@ -321,6 +323,19 @@ def _load_hf_dir(path: Path):
         raise LlmlabError(f"{path}/config.json is not a loadable Hugging Face config ({one_line(e)})") from None
     config_from_hf(hf_config)  # fail on unsupported models before reading any weights
     _check_safetensors_only(path)
+    return tf, model_cls, hf_config
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checked HF directory (check_hf_dir): one, or the index's shards."""
+    index = path / SAFETENSORS_FILES[1]
+    if index.is_file():
+        return [path / name for name in sorted(set(map(str, _plain_json(index)["weight_map"].values())))]
+    return [path / SAFETENSORS_FILES[0]]
+
+
+def _load_hf_dir(path: Path):
+    tf, model_cls, hf_config = check_hf_dir(path)
     try:
         dtype_kw = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.x
         model, info = model_cls.from_pretrained(

@@ -29,6 +29,7 @@ from llmlab.config import ModelConfig
 from llmlab.model import yarn
 from llmlab.model.attention import AttentionImpl, sdpa_attention
 from llmlab.model.cache import CachedTensor, CacheStep
+from llmlab.model.layers import linear_weight
 from llmlab.model.positions import Rotary, apply_rope
 from llmlab.registry import register
 
@@ -132,8 +133,9 @@ class MultiHeadLatentAttention(nn.Module):
         return self.attend(q * self.score_factor if self.score_factor != 1.0 else q, k, v, mask, dropout_p)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK (H, d_nope, d_c), W_UV (H, d_v, d_c)): views of kv_up, nothing copied."""
-        w = self.kv_up.weight.view(self.n_head, self.d_nope + self.d_v, self.d_c)
+        """(W_UK (H, d_nope, d_c), W_UV (H, d_v, d_c)): views of kv_up, nothing copied (with a LoRA
+        adapter on kv_up: of its base weight plus the adapter's delta)."""
+        w = linear_weight(self.kv_up).view(self.n_head, self.d_nope + self.d_v, self.d_c)
         return w[:, : self.d_nope], w[:, self.d_nope:]
 
     def absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,16 @@ class TrainArgs:
     moe_bias_rate: float = _(0.001, "MoE: gamma, how far each expert's selection bias moves toward equal load "
                                     "every step (DeepSeek-V3 auxiliary-loss-free balancing; 0: off)")
     moe_aux_weight: float = _(0.0, "MoE: alpha, weight of the sequence-wise balance loss (0: off)")
+    # fine-tuning (llmlab.training.source, llmlab.lora)
+    init_from: Optional[str] = _(None, "start a new run from these weights: a run directory, a checkpoint folder or a "
+                                       "Hugging Face model folder (model and tokenizer come from it)",
+                                 none="fresh weights", metavar="SRC")
+    lora_rank: Optional[int] = _(None, "with --init-from: train LoRA adapters of this rank only, the weights frozen",
+                                 none="full fine-tuning")
+    lora_alpha: Optional[float] = _(None, "LoRA alpha: adapters scaled by alpha / rank", none="2 x rank")
+    lora_targets: str = _("attention", "linear layers LoRA adapts: attention, all-linear (inside the blocks: "
+                                       "attention and MLPs) or comma-separated names (e.g. attn.qkv,mlp.fc)",
+                          metavar="WHICH")
     resume: bool = _(False, "continue the run in --out from its last checkpoint")
     seed: int = _(1337, "random seed (weights, data order, dropout)")
     sample_tokens: int = _(200, "tokens of sample text printed at the end (0: none)")
@@ -124,7 +134,12 @@ class TrainArgs:
                    f"--batch-threads {self.batch_threads} cannot be combined with --parallel {self.parallel}: "
                    "use one or the other"),
                   (not self.activation_checkpointing or self.parallel != "none",
-                   "--activation-checkpointing needs --parallel ddp or fsdp")]
+                   "--activation-checkpointing needs --parallel ddp or fsdp"),
+                  (self.init_from is None or str(self.init_from).strip() != "",
+                   "--init-from is empty; pass the run, checkpoint or Hugging Face folder to start from"),
+                  (self.lora_rank is None or self.lora_rank >= 1, f"--lora-rank must be >= 1, got {self.lora_rank}"),
+                  (self.lora_alpha is None or (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)),
+                   f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")]
         for ok, msg in checks:
             if not ok:
                 raise LlmlabError(msg)
