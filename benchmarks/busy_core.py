@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))
+if str(HERE.parent / "src") not in sys.path:
+    sys.path.insert(0, str(HERE.parent / "src"))
 
 CONFIGS = ("default", "one", "free-cores")  # torch's default threads (one per core), 1, llmlab.threads
 WORKLOADS = ("train", "decode")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-for path in (REPO, HERE):  # runnable as a plain script; the recipe's helpers live beside it
+for path in (REPO / "src", HERE):  # runnable as a plain script; the recipe's helpers live beside it
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from llmlab.bench import MLA_SIZES, print_table  # noqa: E402
 from llmlab.compare.stats import speed_range  # noqa: E402

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("llmlab", "tests", "benchmarks", "pyproject.toml", "README.md")
+COPIED = ("src", "tests", "benchmarks", "pyproject.toml", "README.md")
 PYTEST = ("-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", "--hypothesis-seed=0")  # repeatable
 
 
@@ -191,11 +191,11 @@ MUTATIONS: list[Mutation] = [
       "np.dtype(np.int16 if vocab_size < 65536 else np.uint32)", ("tests/test_data.py",),
       "ids stored as int16: ids >= 32768 cannot be cached"),
     # ---- Hugging Face mapping --------------------------------------------------------------
-    M("hf_gpt2_c_proj_not_transposed", "llmlab/hf.py", '("attn.proj", "attn.c_proj", True)',
+    M("hf_gpt2_c_proj_not_transposed", "llmlab/hf/weights.py", '("attn.proj", "attn.c_proj", True)',
       '("attn.proj", "attn.c_proj", False)', T_HF, "GPT-2 Conv1D c_proj taken as [out, in]"),
-    M("hf_llama_qkv_order", "llmlab/hf.py", 'for p in "qkv")', 'for p in "kqv")', T_HF,
+    M("hf_llama_qkv_order", "llmlab/hf/weights.py", 'for p in "qkv")', 'for p in "kqv")', T_HF,
       "fused qkv built from k, q, v rows"),
-    M("hf_deepseek_rope_not_reordered", "llmlab/hf_deepseek.py",
+    M("hf_deepseek_rope_not_reordered", "llmlab/hf/deepseek.py",
       "half_split = torch.cat([torch.arange(0, d_r, 2), torch.arange(1, d_r, 2)])",
       "half_split = torch.arange(d_r)", ("tests/test_hf_deepseek.py",),
       "DeepSeek rope rows kept in HF's adjacent-pair layout"),
@@ -222,6 +222,11 @@ EQUIVALENT: list[tuple[Mutation, str]] = [
 
 
 # ---- running ----------------------------------------------------------------------------------
+def located(root: Path, file: str) -> Path:
+    """A mutation's file in the tree: the package's modules (named llmlab/...) live under src/."""
+    return root / "src" / file if file.startswith("llmlab/") else root / file
+
+
 def check(mutations: list[Mutation], root: Path = REPO) -> list[str]:
     """Problems with the list: a snippet not found exactly once, a no-op, a file that no longer compiles."""
     problems, names = [], set()
@@ -229,7 +234,7 @@ def check(mutations: list[Mutation], root: Path = REPO) -> list[str]:
         if m.name in names:
             problems.append(f"{m.name}: duplicate name")
         names.add(m.name)
-        path = root / m.file
+        path = located(root, m.file)
         if not path.is_file():
             problems.append(f"{m.name}: {m.file} not found")
             continue
@@ -260,7 +265,7 @@ def copy_tree(dst: Path) -> None:
 
 def run_pytest(root: Path, args: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
     """("pass" | "fail" | "timeout", seconds, first failing test or last output line)."""
-    env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")  # no stale .pyc of a mutant
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), PYTHONDONTWRITEBYTECODE="1")  # no stale .pyc of a mutant
     shakespeare = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
     if "LLMLAB_SHAKESPEARE" not in env and shakespeare.is_file():
         env["LLMLAB_SHAKESPEARE"] = str(shakespeare)  # conftest looks next to the (copied) repo
@@ -354,7 +359,7 @@ def main(argv=None) -> int:
                 return 2
         print(f"{'mutation':34} {'result':9} {'seconds':>7}  first failing test", flush=True)
         for m in chosen:
-            path = root / m.file
+            path = located(root, m.file)
             original = path.read_text()
             try:
                 path.write_text(original.replace(m.original, m.mutated, 1))

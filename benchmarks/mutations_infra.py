@@ -101,7 +101,7 @@ def mutations(M):
         # ---- measurements ---------------------------------------------------------------------------
         M("peak_memory_unit", "llmlab/compare/worker.py", 'else 2**10)', 'else 2**20)', (T_INFRA, "-k", "peak_memory"),
           "compare's peak memory reported in GiB under a MiB label"),
-        M("bench_rate_first_steps", "llmlab/bench.py", '"decode_tokens_per_s": {k: variants[k][1] / median(',
+        M("bench_rate_first_steps", "llmlab/bench/measure.py", '"decode_tokens_per_s": {k: variants[k][1] / median(',
           '"decode_tokens_per_s": {k: variants[first][1] / median(', (T_INFRA, "-k", "no_cache_rate"),
           "every variant's rate divides the first variant's step count"),
     ]

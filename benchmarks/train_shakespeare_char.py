@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from anywhere
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "src"))
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 RECIPE_ITERS = 2000  # nanoGPT: max_iters = lr_decay_iters = 2000

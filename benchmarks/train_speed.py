@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-for path in (HERE.parent, HERE):  # llmlab and the nanoGPT stand-in, runnable from anywhere
+for path in (HERE.parent / "src", HERE):  # llmlab and the nanoGPT stand-in, runnable from anywhere
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

@@ -132,7 +132,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, default=DOCS / "compare", help="the comparison's folder (default docs/compare)")
     p.add_argument("--ladder", type=Path, default=DOCS / "ladder.md", help="the file to fill (default docs/ladder.md)")
     ns, extra = p.parse_known_args(argv)
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "src"))
     if not ns.no_run:
         from llmlab.cli import main as llmlab
 

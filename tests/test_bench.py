@@ -134,7 +134,7 @@ def test_decode_script_wrapper(capsys):
 def test_train_benchmark_missing_data(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "train_shakespeare_char.py"), "--data", str(tmp_path / "nope.txt")],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
     assert proc.returncode == 2
     assert "not found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 

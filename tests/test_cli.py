@@ -167,7 +167,7 @@ def test_plot_writes_png(capsys, char_run):
 
 
 def test_console_script_exit_code(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.run([sys.executable, "-m", "llmlab.cli", "train", "--preset", "nope", "--out", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -9,12 +9,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import llmlab
 from llmlab.checkpoint import save_checkpoint
 from llmlab.cli import main
 from llmlab.tokenizer import ByteTokenizer
 
-from conftest import tiny, tiny_model
+from conftest import tiny_model
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -214,9 +214,9 @@ def test_every_setting_is_a_flag_with_help(capsys):
 def test_nothing_but_mean_loss_evaluates():
     """One evaluation: the only model.loss() outside training's step is evaluate.mean_loss."""
     root = Path(__file__).resolve().parents[1]
-    users = sorted(str(p.relative_to(root)) for d in ("llmlab", "benchmarks") for p in (root / d).rglob("*.py")
+    users = sorted(str(p.relative_to(root)) for d in ("src/llmlab", "benchmarks") for p in (root / d).rglob("*.py")
                    if re.search(r"\.loss\(", p.read_text()) and not p.name.startswith("mutation"))  # they quote code
-    assert users == ["llmlab/training/evaluate.py", "llmlab/training/parallel.py"]  # parallel: the training loss
+    assert users == ["src/llmlab/training/evaluate.py", "src/llmlab/training/parallel.py"]  # parallel: the training loss
 
 
 # ---- the output folder is compare's own -----------------------------------------------------------
@@ -303,7 +303,7 @@ def test_kill_9_of_compare_kills_its_worker(tmp_path, corpus):
            str(out), "--n-layer", "1", "--n-head", "4", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
            "--max-iters", "1000000", "--eval-interval", "1000000", "--no-compile", "--quiet"]
     parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
     lock = out / "runs" / "kv_cache" / "seed1337" / ".lock"  # train() writes its pid there
     worker = None
     try:

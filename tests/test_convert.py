@@ -15,7 +15,6 @@ transformers = pytest.importorskip("transformers")
 
 import llmlab  # noqa: E402
 from llmlab.cli import main  # noqa: E402
-from llmlab.errors import LlmlabError  # noqa: E402
 from llmlab.hf import convert_from_hf, convert_to_hf  # noqa: E402
 from llmlab.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, load_tokenizer  # noqa: E402
 

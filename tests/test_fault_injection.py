@@ -147,7 +147,7 @@ def test_a_failed_file_operation_is_one_line_and_resume_is_exact(reference, tmp_
 @pytest.mark.slow
 def test_a_kill_at_a_file_operation_then_resume_is_exact(reference, tmp_path, capsys):
     ref, n_ops, ops = reference
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     # A child per k costs an interpreter and a torch import (seconds), so not every k: the first
     # operation, and each rename that swaps a checkpoint directory in (the instants a kill can
     # leave no last/ or best/, or only .last.old), the last of them ending the second checkpoint.

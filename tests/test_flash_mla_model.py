@@ -119,7 +119,7 @@ def test_flash_mla_through_the_triton_kernel_interpreted():
     switched on before triton is imported, hence a child process): rope_mla's greedy tokens."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO / "src")] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     run = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "KERNEL-GREEDY-OK" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny, tiny_model
-from llmlab import LlmlabError, Transformer, generate
+from conftest import tiny_model
+from llmlab import LlmlabError, generate
 from llmlab.generation import sample_next, stream
 from llmlab.presets import PRESETS
 

@@ -4,7 +4,6 @@ Ctrl-C's message, a resume from Python with only `out`."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_hf import hf_greedy, ids, max_diff, one_line_error, randomize  # noqa: E402
+from test_hf import hf_greedy, ids, max_diff, randomize  # noqa: E402
 
 import llmlab  # noqa: E402
 from llmlab.hf import convert_from_hf, convert_to_hf, from_hf, to_hf  # noqa: E402
@@ -54,12 +54,12 @@ def test_from_hf_parity(q_lora_rank, v_head_dim):
 def test_parity_needs_the_rope_reordering(monkeypatch):
     """Without reordering the rope rows (adjacent pairs -> half split) the logits differ: the
     parity above is not an accident of a rotation-free test."""
-    import llmlab.hf
+    import llmlab.hf.convert
 
     hf = hf_deepseek()
     x = ids(2, b=1, t=40)
     ref = logits(hf, x)
-    monkeypatch.setattr(llmlab.hf, "rope_to_half_split", lambda sd, cfg: sd)
+    monkeypatch.setattr(llmlab.hf.convert, "rope_to_half_split", lambda sd, cfg: sd)
     assert max_diff(logits(from_hf(hf), x), ref) > 1e-2
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "llmlab"
+ROOT = Path(__file__).resolve().parents[1] / "src" / "llmlab"
 
 # Known cycles, each the set of modules of one strongly connected component when it was listed,
 # being removed elsewhere: a component may shrink or vanish, never grow, and no other may appear.
@@ -135,3 +135,16 @@ def test_compare_imports_flow_one_way():
     g = graph()
     compare = {m for m in g if m.startswith("llmlab.compare")}
     assert compare and not any(c & compare for c in cycles(g))
+
+
+def test_a_folder_named_llmlab_beside_a_script_never_shadows_the_package(tmp_path):
+    """A script run from the folder that holds a clone (named llmlab, no __init__.py at its top)
+    imports the installed package, not the clone's folder as a namespace package: with the src/
+    layout the install puts src/ on sys.path, where the real package wins."""
+    import subprocess
+    import sys
+
+    (tmp_path / "llmlab").mkdir()  # the clone, as `git clone .../llmlab` names it
+    (tmp_path / "script.py").write_text("import llmlab\nprint(llmlab.load.__module__)\n")
+    r = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "llmlab.checkpoint", r.stderr[-2000:]

@@ -167,9 +167,10 @@ def test_compare_peak_memory_is_in_mib():
 def test_bench_no_cache_rate_divides_its_own_step_count(monkeypatch):
     """A clock that advances 1 s a reading: each variant's decode tokens/s is its own step count."""
     from llmlab import bench
+    from llmlab.bench import measure
 
     ticks = iter(range(10**6))
-    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     model = tiny_model(preset="kv_cache").eval()
     variants = bench.bench_variants(decode_steps=7, compile=False)
     got = bench.measure_contexts(model, [4], repeats=1, variants=variants, seed=0)[0]["decode_tokens_per_s"]

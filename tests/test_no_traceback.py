@@ -14,7 +14,7 @@ from llmlab.checkpoint import save_checkpoint
 from llmlab.cli import main
 from llmlab.tokenizer import ByteTokenizer, CharTokenizer
 
-from conftest import tiny, tiny_model
+from conftest import tiny_model
 
 
 def one_error_line(capsys, argv, *words) -> str:

@@ -17,7 +17,7 @@ import llmlab
 from llmlab import LlmlabError
 from llmlab.cli import main
 
-from conftest import tiny, tiny_model
+from conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def run(tmp_path_factory):
 
 
 def _llmlab(args: list[str], **kw) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     return subprocess.run(f"{sys.executable} -m llmlab " + " ".join(args), shell=True, env=env, capture_output=True,
                           text=True, errors="replace", timeout=120, **kw)
 

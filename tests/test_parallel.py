@@ -36,7 +36,7 @@ def assert_same_losses(ref: Path, got: Path, tol=1e-5):
 
 
 def torchrun(spec: dict, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "tests" / "dist_worker.py"), json.dumps(spec)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -164,7 +164,7 @@ def test_legacy_dcp_metadata_pickle_is_allow_listed(tmp_path):
 
 def probe(name: str, **kw) -> dict:
     """A dist_worker probe in a process of its own (a process group of one), with a timeout."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(REPO / "tests" / "dist_worker.py"), json.dumps({"probe": name, **kw})],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

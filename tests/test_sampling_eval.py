@@ -9,15 +9,14 @@ import math
 import pytest
 import torch
 
-import llmlab
-from llmlab import Transformer, generate
+from llmlab import generate
 from llmlab.checkpoint import save_checkpoint
 from llmlab.cli import main
 from llmlab.generation import _cached_logits, _left_pad, sample_next, stream
 from llmlab.presets import PRESETS
 from llmlab.tokenizer import ByteTokenizer
 
-from conftest import tiny, tiny_model
+from conftest import tiny_model
 
 
 # ---- the distribution sampled from ------------------------------------------------------------

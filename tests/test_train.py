@@ -72,7 +72,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     cli = [sys.executable, "-m", "llmlab.cli", "train", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
            "--block-size", "32", "--batch-size", "4", "--eval-iters", "2", "--max-iters", "200",
            "--eval-interval", "40", "--sample-tokens", "0", "--quiet", "--dropout", "0.1"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     subprocess.run(cli + ["--out", str(tmp_path / "full")], check=True, env=env, timeout=300)
     proc = subprocess.Popen(cli + ["--out", str(tmp_path / "killed")], env=env)
     metrics = tmp_path / "killed" / "metrics.jsonl"

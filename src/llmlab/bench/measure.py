@@ -1,114 +1,21 @@
-"""`llmlab bench decode`: greedy decode speed against Hugging Face transformers, prefill / decode
-tokens/s at several context lengths (without cache, with it, and with the compiled decode step),
-and cache bytes per token. Every llmlab number is timed through the public generate()/stream().
-
-Every timing is a median over repeats, and runs that are compared are interleaved (HF, llmlab, HF,
-llmlab, ...) so background load hits both sides alike. The last line printed is a JSON object with
-the key numbers. Measuring and printing are apart: measure_* return numbers (`llmlab compare`
-reuses measure_contexts and cache_bytes_entry), print_* format them.
-"""
+"""The decode benchmark's models and measurements: numbers only (llmlab.bench.report prints them).
+`llmlab compare` reuses stream_timed, measure_contexts and cache_bytes_entry."""
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import statistics
-import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
+from llmlab.bench.shapes import (LLAMA_FFN, LLAMA_KV_HEADS, MLA_SIZES, N_EMBD, N_HEAD, N_LAYER,
+                                 UNCACHED_STEPS, VOCAB)
 from llmlab.model.cache import values_per_token
 from llmlab.registry import lookup
 
-SHAPES = ("gpt2", "llama", "deepseek")
-# The benchmark model: small enough that batch-1 decode is dominated by per-token overhead, which
-# is exactly what a KV cache and a lean decode loop are about.
-N_LAYER, N_EMBD, N_HEAD, VOCAB = 4, 256, 8, 512
-LLAMA_KV_HEADS, LLAMA_FFN = 2, 688
-# DeepSeek-V2 shape (MLA): latent d_c, rope d_r, per-head nope and value widths
-MLA_SIZES = dict(kv_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
-DECODE_STEPS = 64  # cached decode steps timed per context length
 HF_RUN, CACHED_RUN = "HF generate (DynamicCache)", "llmlab generate, cache"
 COMPILED_RUN, UNCACHED_RUN = "llmlab generate, cache + compile", "llmlab generate, no cache"
-UNCACHED_STEPS = 4  # full-recompute steps timed per context length (each costs a whole forward)
-
-
-def _(default: Any, help: str, **meta: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **meta})
-
-
-@dataclass
-class BenchArgs:
-    """The settings of `llmlab bench decode` (its flags are derived from these fields)."""
-    shape: str = _("gpt2", "gpt2: 4 layers, d 256, 8 heads, vocab 512; llama: the same with 2 KV heads, RoPE, "
-                           "RMSNorm, SwiGLU; deepseek: DeepSeek-V2 MLA (d_c 128, d_r 16, nope 32, v 32), RoPE, "
-                           "RMSNorm, SwiGLU", choices=SHAPES)
-    prompt_len: int = _(16, "prompt tokens of table 1")
-    new_tokens: int = _(256, "tokens generated in table 1")
-    contexts: str = _("64,256,1024", "comma-separated context lengths for table 2", metavar="C,C,...")
-    repeats: int = _(3, "timed repeats per measurement (median)")
-    decode_steps: int = _(DECODE_STEPS, "cached decode steps timed per context")
-    compile: bool = _(True, "also time generate(compile=True) (the first call compiles for ~10-30 s)")
-    hf: bool = _(True, "compare with Hugging Face transformers (off: table 1 llmlab only)")
-    threads: int = _(0, "torch threads for every run, HF's included (0: torch's default, one per core); on a "
-                        "machine where another process holds a core, use 1")
-    seed: int = _(0, "random seed (weights, prompts)")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through llmlab's CLI, never a usage block
-        from llmlab.errors import LlmlabError
-
-        raise LlmlabError(f"{self.prog}: {message} (see `{self.prog} --help`)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from llmlab.settings import add_flags
-
-    p = _Parser(prog="llmlab bench decode", description=__doc__.split("\n\n")[0],
-                argument_default=argparse.SUPPRESS)
-    add_flags(p, BenchArgs)
-    return p
-
-
-def _contexts(spec: str) -> list[int]:
-    try:
-        values = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        from llmlab.errors import LlmlabError
-
-        raise LlmlabError(f"--contexts must be comma-separated positive integers, got {spec!r}")
-    return values
-
-
-MAX_LEN = 32768  # the benchmark's caches and position tables grow with it: past this it is a typo
-MAX_REPEATS = 100
-
-
-def _check(ns, max_len: int) -> Optional[str]:
-    """The first flag out of range, as one line (or None)."""
-    import os
-
-    for flag in ("prompt_len", "new_tokens", "repeats", "decode_steps"):
-        if getattr(ns, flag) < 1:
-            return f"--{flag.replace('_', '-')} must be >= 1"
-    cores = os.cpu_count() or 1
-    if not 0 <= ns.threads <= 4 * cores:  # far more OpenMP threads than cores crash torch
-        return f"--threads must be in [0, {4 * cores}] (0: torch's default; this machine has {cores} cores)"
-    if not 0 <= ns.seed < 2**63:
-        return f"--seed must be in [0, 2^63), got {ns.seed}"
-    if ns.repeats > MAX_REPEATS:
-        return f"--repeats must be at most {MAX_REPEATS}"
-    if max_len > MAX_LEN:
-        return (f"--prompt-len + --new-tokens and the longest context + --decode-steps must stay within "
-                f"{MAX_LEN:,} tokens (got {max_len:,})")
-    return None
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -368,118 +275,3 @@ def cache_bytes_rows(extra: Optional[tuple[str, Any]] = None, max_len: int = 64)
     return out
 
 
-# ---- printing -------------------------------------------------------------------------------------------
-def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for j, r in enumerate(cells):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def _fmt(x: Optional[float], digits: int = 0) -> str:
-    return "n/a" if x is None or x != x else f"{x:,.{digits}f}"
-
-
-def print_speed(m: dict[str, Any]) -> None:
-    tps, ms = m["tokens_per_s"], m["ms_per_token"]
-    hf_tps = tps.get(HF_RUN)
-    rows = [[k, _fmt(v), _fmt(ms[k], 2),
-             "1.00x" if k == HF_RUN else (f"{v / hf_tps:.2f}x" if hf_tps else "n/a")] for k, v in tps.items()]
-    print_table(f"Table 1: greedy decode, batch 1, prompt {m['prompt_len']}, {m['new_tokens']} new tokens "
-                f"(median of {m['repeats']})", ["run", "tokens/s", "ms/token", "vs HF"], rows)
-    if m["compile_s"] is not None:
-        print(f"compile: the first compiled generate() took {m['compile_s']:.1f} s (torch.compile of the decode "
-              "step; inductor's on-disk cache makes later processes faster)")
-    for name, same in m["same_tokens"].items():
-        if same is None:
-            print("tokens vs HF: n/a (weights differ)")
-        else:
-            print(f"{name} tokens equal llmlab's cached greedy tokens: {'yes' if same else 'NO'}")
-
-
-def print_contexts(summary: list[dict[str, Any]], decode_steps: int, repeats: int) -> None:
-    compiled = any("compiled_decode_tokens_per_s" in r for r in summary)
-    rows = []
-    for r in summary:
-        row = [r["context"], _fmt(r["prefill_tokens_per_s"]), _fmt(r["decode_tokens_per_s"]),
-               _fmt(r["uncached_tokens_per_s"], 1), f"{r['decode_tokens_per_s'] / r['uncached_tokens_per_s']:.1f}x"]
-        if compiled:
-            row += [_fmt(r["compiled_decode_tokens_per_s"]), "yes" if r["compiled_tokens_same"] else "NO"]
-        rows.append(row)
-    header = ["context", "prefill tok/s", "decode tok/s (cache)", "decode tok/s (no cache)", "cache speedup"]
-    if compiled:
-        header += ["decode tok/s (compiled)", "same tokens"]
-    print_table(f"Table 2: prefill and decode after a context of C tokens, batch 1, through llmlab.stream "
-                f"(decode: {decode_steps} cached steps or {UNCACHED_STEPS} full recomputes; median of "
-                f"{repeats} after a warm-up round; the compiled step serves every length)", header, rows)
-
-
-def print_cache_bytes(entries: list[dict[str, Any]]) -> None:
-    rows = []
-    for e in entries:
-        if "skipped" in e:
-            rows.append([e["name"], "-", "-", "-", "-", "-", "skipped", e["skipped"]])
-            continue
-        if e["measured"] is None:  # recomputes every token: nothing is cached
-            rows.append([e["name"], e["attention"], e["n_layer"], "-", "-", e["dtype"].replace("torch.", ""),
-                         "no cache (recomputes)", "-"])
-            continue
-        f = e["formula"]
-        ok = "yes" if f == e["measured"] else "NO"
-        rows.append([e["name"], e["attention"], e["n_layer"], e["formula_text"], e["values_per_layer"],
-                     e["dtype"].replace("torch.", ""), _fmt(e["measured"]), f"{_fmt(f)} ({ok})"])
-    print_table("Table 3: cache bytes per token (measured from the allocated buffers vs "
-                "n_layer * values per layer * bytes_per_element)",
-                ["model", "attention", "layers", "values/token/layer", "=", "dtype", "measured B/token",
-                 "formula B/token"], rows)
-
-
-# ---- main --------------------------------------------------------------------------------------------------
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "decode":  # `python -m llmlab.bench decode ...` as well as the cli's remainder
-        argv = argv[1:]
-    ns = BenchArgs(**vars(build_parser().parse_args(argv)))
-    contexts = _contexts(ns.contexts)
-    max_len = max(ns.prompt_len + ns.new_tokens, max(contexts) + ns.decode_steps)
-    problem = _check(ns, max_len)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-
-    with _threads(ns.threads), torch.inference_mode():
-        hf, model, shared, note = build_models(ns.shape, max_len, ns.hf, ns.seed)
-        print(f"llmlab bench decode: shape {ns.shape}, {N_LAYER} layers, d_model {N_EMBD}, {N_HEAD} heads"
-              f"{f' ({LLAMA_KV_HEADS} KV heads)' if ns.shape == 'llama' else ''}"
-              f"{' (MLA: d_c 128, d_r 16, nope 32, v 32)' if ns.shape == 'deepseek' else ''}, vocab {VOCAB}, "
-              f"max length {max_len}; torch {torch.__version__}, {torch.get_num_threads()} threads"
-              + (f"; HF weights shared: {'yes' if shared else 'no'}" if hf is not None else "; no HF"))
-        if note:
-            print(f"note: {note}")
-        if model is None:
-            print(f"note: --shape {ns.shape} needs llmlab.from_hf support for it; skipped")
-            print(json.dumps({"shape": ns.shape, "skipped": note}))
-            return 0
-
-        gen = torch.Generator().manual_seed(ns.seed)
-        prompt = torch.randint(0, VOCAB, (1, ns.prompt_len), generator=gen)
-        speed = measure_speed(hf, model, prompt, ns.new_tokens, ns.repeats, ns.compile, shared)
-        print_speed(speed)
-        ctx = contexts_summary(measure_contexts(model, contexts, ns.repeats,
-                                                bench_variants(ns.decode_steps, ns.compile), ns.seed))
-        print_contexts(ctx, ns.decode_steps, ns.repeats)
-        entries = cache_bytes_rows((f"bench model ({ns.shape})", model))
-        print_cache_bytes(entries)
-
-    summary = {"shape": ns.shape, "weights_shared": shared, **speed_summary(speed),
-               "contexts": [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in ctx],
-               "cache_bytes_per_token": {e["name"]: e.get("measured") for e in entries if "skipped" not in e}}
-    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

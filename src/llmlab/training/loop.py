@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-import torch
 from tqdm import tqdm
 
 from llmlab import checkpoint as ckpt, lora, memory

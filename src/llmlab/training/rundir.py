@@ -32,7 +32,7 @@ def open_no_follow(path: Path, flags: int) -> int:
     """os.open that fails instead of following a link planted after the check (O_NOFOLLOW)."""
     try:
         return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
-    except OSError as e:
+    except OSError:
         if path.is_symlink():
             raise LlmlabError(f"{path} is a symbolic link; llmlab never writes through links in a run folder: "
                               "remove it") from None
