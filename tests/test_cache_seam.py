@@ -133,3 +133,30 @@ def test_memory_guards_are_exact_for_every_preset(preset):
     for kind in ("dense", "paged"):
         cache = model.new_cache(3, 64, kind=kind)
         assert memory.cache_bytes(config, 3, 64) == cache.bytes_per_token() * 3 * 64, kind
+
+
+def test_a_paged_pool_smaller_than_every_row_at_full_length():
+    """new_cache(num_blocks=N): N usable blocks shared by the rows (what a server admits by); a step
+    the pool cannot hold is refused whole, and a released row's blocks serve the next one, whose
+    logits still equal recomputing it alone."""
+    from llmlab.errors import LlmlabError
+
+    model = model_for("llama")
+    model.use_runtime(Runtime(cache="paged", block_size=16))
+    cache = model.new_cache(4, 64, num_blocks=5)
+    assert cache.num_free_blocks == 5
+    seq = prompts((40,), 5)[0]  # 3 blocks
+    with torch.no_grad():
+        model(torch.tensor([seq]), step=cache.step([0], [40]))
+        assert cache.num_free_blocks == 2
+        with pytest.raises(LlmlabError, match="exhausted"):
+            cache.step([1], [40])
+        assert cache.num_free_blocks == 2 and cache.lengths()[1] == 0
+        cache.release(0)
+        logits = model(torch.tensor([seq]), step=cache.step([1], [40]))[0, -1]
+    alone = model(torch.tensor([seq]))[0, -1]
+    assert (logits - alone).abs().max() <= 1e-4 * alone.abs().max()
+    with pytest.raises(LlmlabError, match="num_blocks"):
+        model.new_cache(4, 64, kind="dense", num_blocks=5)
+    with pytest.raises(LlmlabError, match="num_blocks"):
+        model.new_cache(4, 64, kind="paged", num_blocks=0)
