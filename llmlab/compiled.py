@@ -115,10 +115,16 @@ class DecodeStep:
                     torch._dynamo.mark_dynamic(tensor, dim)
 
     def __call__(self, tok: torch.Tensor, slot: int) -> torch.Tensor:
+        self.slot.fill_(slot)
+        self.cache.prepare(slot, 1, tok.shape[0])  # host bookkeeping, outside the (compiled) step
+        return self.prepared(tok)
+
+    def prepared(self, tok: torch.Tensor) -> torch.Tensor:
+        """The step over the batch the cache was prepared for by the caller (a server's scheduler:
+        `PagedCache.prepare_rows(rows, counts)`, one new token per row): tok (B,) -> (B, vocab).
+        Keeping B fixed (all of the cache's rows) keeps one compiled graph."""
         b = tok.shape[0]
         self.tok[:b].copy_(tok.view(-1, 1))
-        self.slot.fill_(slot)
-        self.cache.prepare(slot, 1, b)  # host bookkeeping, outside the (compiled) step
         # After the first call, whose full guard check picked (or compiled) the graph, the inputs
         # are the same tensors: skip re-evaluating the guards (~0.2-0.3 ms a token on a small CPU model).
         skip = self.compile and self.calls
