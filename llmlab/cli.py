@@ -68,7 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["decode"])
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help)")
     _compare_parser(sub)
+    _serve_parser(sub)
     return parser
+
+
+def _serve_parser(sub) -> None:
+    from llmlab.command_args import RuntimeArgs
+    from llmlab.serve.args import ServeArgs
+    from llmlab.settings import add_flags
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching, and a chat page at /",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("run_dir", metavar="RUN_OR_HF_DIR")
+    add_flags(p, ServeArgs)
+    add_flags(p, RuntimeArgs, skip=("cache",))  # the server always decodes from the paged cache
 
 
 def _compare_parser(sub) -> None:
@@ -302,9 +315,18 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from llmlab.command_args import RuntimeArgs, split
+    from llmlab.serve.args import ServeArgs
+    from llmlab.serve.server import serve
+
+    a, rt = split(ns, ServeArgs, RuntimeArgs)
+    return serve(ns.run_dir, a, rt.changes())
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert": cmd_convert,
             "presets": cmd_presets, "plot": cmd_plot, "bench": cmd_bench,
-            "compare": cmd_compare}
+            "compare": cmd_compare, "serve": cmd_serve}
 
 
 def _silence_stdout() -> None:
