@@ -106,16 +106,16 @@ class Server:
 
 
 def post(url: str, body, headers: Optional[dict] = None, timeout: float = 60.0) -> tuple[int, dict, dict]:
-    """(status, JSON body, headers) of a POST with a raw body (bytes) or a JSON-able object."""
+    """(status, JSON body, headers with lower-case names) of a POST with a raw body (bytes) or a JSON-able object."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null"), dict(r.headers)
+            return r.status, json.loads(r.read() or b"null"), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
         raw = e.read()
         try:
             parsed = json.loads(raw)
         except ValueError:
             parsed = {"raw": raw.decode(errors="replace")}
-        return e.code, parsed, dict(e.headers)
+        return e.code, parsed, {k.lower(): v for k, v in e.headers.items()}

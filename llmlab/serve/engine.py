@@ -70,6 +70,7 @@ class Engine:
         compile = model.runtime.compile if compile is None else compile
         self.decoder = DecodeStep(model, self.cache, compile)
         self.free_rows = list(range(max_batch - 1, -1, -1))  # popped from the end: row 0 first
+        self.decoded = 0
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -101,6 +102,7 @@ class Engine:
             logits = model(ids, step=self.cache.step([seq.row], [len(seq.prompt)]))[:, -1]
             self._sample([seq], logits)
         decoding = [s for s in (*running, *newcomers) if not s.done]
+        self.decoded = len(decoding)  # sequences in this step's decode forward
         if not decoding:
             return
         tok = torch.zeros(self.max_batch, dtype=torch.long)

@@ -1,6 +1,6 @@
 """Prometheus metrics of one server (prometheus_client, a registry of its own): requests running
 and waiting, free cache blocks, tokens, tokens/s over the last 10 s, and histograms of the time to
-the first token and between tokens."""
+the first token, between tokens and of how many sequences each decode step carried."""
 from __future__ import annotations
 
 import time
@@ -34,6 +34,8 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("llmlab_inter_token_latency_seconds", "time between a request's tokens",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram("llmlab_decode_batch_size", "sequences decoded together per step",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step
 
     def tokens(self, n: int, now: float) -> None:

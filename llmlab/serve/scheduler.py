@@ -124,6 +124,8 @@ class Scheduler:
                 self.running = []
                 continue
             self.metrics.prompt_tokens.inc(sum(len(r.seq.prompt) for r in newcomers))
+            if self.engine.decoded:
+                self.metrics.batch.observe(self.engine.decoded)
             self.running += newcomers
             self._hand_out(time.monotonic())
 
