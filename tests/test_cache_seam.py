@@ -160,3 +160,25 @@ def test_a_paged_pool_smaller_than_every_row_at_full_length():
         model.new_cache(4, 64, kind="dense", num_blocks=5)
     with pytest.raises(LlmlabError, match="num_blocks"):
         model.new_cache(4, 64, kind="paged", num_blocks=0)
+
+
+def test_a_paged_step_reads_only_the_blocks_its_longest_row_needs():
+    """The step's block table (what a read gathers and attention scans) is as wide as its longest
+    row needs (at least two blocks), not max_len; logits still equal recomputing."""
+    model = model_for("llama")
+    model.use_runtime(Runtime(cache="paged", block_size=16))
+    cache = model.new_cache(2, 128)  # 8 blocks a row
+    short, long = prompts((5,), 6)[0], prompts((40,), 7)[0]
+    with torch.no_grad():
+        step = cache.step([0], [5])
+        model(torch.tensor([short]), step=step)
+        assert step.table.shape == (1, 2)
+        step = cache.step([1], [40])
+        model(torch.tensor([long]), step=step)
+        assert step.table.shape == (1, 3)
+        step = cache.step([0, 1], [1, 1])
+        logits = model(torch.tensor([[7], [8]]), step=step)[:, -1]
+        assert step.table.shape == (2, 3) and step.read(0, "k").shape[2] == 48
+    for i, seq in enumerate((short + [7], long + [8])):
+        alone = model(torch.tensor([seq]))[0, -1]
+        assert (logits[i] - alone).abs().max() <= 1e-4 * alone.abs().max()
