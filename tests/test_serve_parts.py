@@ -63,6 +63,15 @@ def test_engine_batched_equals_alone_equals_generate(preset):
     assert run_engine(Engine(model, 3, 96), seeded(), 2) == alone
 
 
+def test_the_engine_decoding_only_running_rows_gives_generates_tokens():
+    """batch_invariant=False: each step decodes just the running rows (batches of 1 to 3 here)."""
+    model = model_for()
+    ps, lengths = prompts(5), [4 + 5 * i for i in range(5)]
+    got = run_engine(Engine(model, 3, 96, batch_invariant=False), [Sequence(p, n, Sampling(0)) for p, n in
+                                                                    zip(ps, lengths)], 2)
+    assert got == [generate(model, [p], n, temperature=0)[0][len(p):].tolist() for p, n in zip(ps, lengths)]
+
+
 def test_a_stop_id_ends_a_sequence_and_a_small_pool_is_reused():
     model = model_for()
     p = prompts(1)[0]

@@ -27,6 +27,8 @@ class ServeArgs:
                                     none="max_batch sequences of max_len")
     block_size: Optional[int] = _(None, "tokens per block of the paged cache (a power of two)",
                                   none="the run's runtime (64)")
+    batch_invariant: bool = _(True, "decode every row of the batch each step, so a request's tokens do not depend on "
+                                    "what else runs (off: only the running rows, faster with few requests)")
     api_key: Optional[str] = _(None, f"every endpoint but /health and the page needs `Authorization: Bearer KEY` "
                                      f"(also read from {API_KEY_ENV})", none="no key", metavar="KEY")
     model_name: Optional[str] = _(None, "the model id clients send and /v1/models lists",

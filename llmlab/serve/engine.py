@@ -14,8 +14,11 @@ sits at its own row, and rows without a sequence ride along with no new token (t
 token is written to the cache's trash block; their logits are ignored). Prefill runs each newcomer
 alone (batch 1, its own length): the same forward whether or not others wait. The fixed shape is
 also the one graph the compiled step needs. The price: with few requests the step computes rows
-nobody reads, which on a CPU mostly costs what the per-op overhead costs anyway (measured in
-benchmarks/serve_load.py).
+nobody reads (measured in benchmarks/serve_load.py); `batch_invariant=False` (`llmlab serve
+--no-batch-invariant`) decodes only the running rows instead, faster at low load, with tokens
+that may differ from the same request alone once a near-tie meets a last-bit difference.
+Attention reads only the blocks the batch's longest row needs; masked positions past a row's end
+change nothing in it (the read's width differs with the batch; the tests check the tokens).
 """
 from __future__ import annotations
 
@@ -61,8 +64,9 @@ class Engine:
     (`num_blocks` blocks in the pool; default every row at full length)."""
 
     def __init__(self, model, max_batch: int, max_len: int, num_blocks: Optional[int] = None,
-                 compile: Optional[bool] = None):
+                 compile: Optional[bool] = None, batch_invariant: bool = True):
         self.model, self.max_batch, self.max_len = model, max_batch, max_len
+        self.batch_invariant = batch_invariant  # decode all rows (see the module docstring)
         self.device = model.tok_emb.weight.device
         self.cache = model.new_cache(max_batch, max_len, kind="paged", num_blocks=num_blocks)
         self.block_size = self.cache.block_size
@@ -104,6 +108,11 @@ class Engine:
         decoding = [s for s in (*running, *newcomers) if not s.done]
         self.decoded = len(decoding)  # sequences in this step's decode forward
         if not decoding:
+            return
+        if not self.batch_invariant:  # just the running rows
+            self.cache.prepare_rows([s.row for s in decoding], [1] * len(decoding), 1)
+            tok = torch.tensor([s.tokens[-1] for s in decoding], dtype=torch.long)
+            self._sample(decoding, self.decoder.prepared(tok.to(self.device)))
             return
         tok = torch.zeros(self.max_batch, dtype=torch.long)
         # rows without a sequence take no token (a newcomer done at its first token rewrites its last

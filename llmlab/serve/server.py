@@ -110,16 +110,17 @@ def build(path_or_run: str, args: ServeArgs, runtime: Optional[dict] = None):
     memory.check_fits(memory.cache_bytes(model.config, 1, blocks * model.runtime.block_size, weight.element_size()),
                       f"a paged cache of {blocks} blocks", "lower --max-batch, --max-len or --cache-blocks",
                       weight.device.type)
-    engine = Engine(model, args.max_batch, max_len, num_blocks=blocks)
+    engine = Engine(model, args.max_batch, max_len, num_blocks=blocks, batch_invariant=args.batch_invariant)
     name = args.model_name or (folder.parent.name if folder.name in ("best", "last") else folder.name)
     served = Served(name, tok, template, stops, max_len, model.config.vocab_size, int(time.time()))
     scheduler = Scheduler(engine, args.max_queue)
     app = build_app(served, scheduler, args.api_key, args.max_body)
     rt = model.runtime
+    decode = "every row decoded each step" if args.batch_invariant else "running rows decoded"
     about = (f"serving {name} ({model.num_params() / 1e6:.2f}M params, {rt.attention}"
              f"{', compiled' if rt.compile else ''}): {args.max_batch} rows of up to {max_len} tokens, "
-             f"{blocks} blocks of {rt.block_size}, chat template: {'the model' if template.source else 'default'}"
-             f"{', API key required' if args.api_key else ''}")
+             f"{blocks} blocks of {rt.block_size}, {decode}, chat template: "
+             f"{'the model' if template.source else 'default'}{', API key required' if args.api_key else ''}")
     return app, scheduler, about
 
 
