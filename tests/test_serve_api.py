@@ -224,3 +224,19 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path, capsys):
         code = main(["serve", str(where), *flags])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error:") and says in err and err.count("\n") == 1, (flags, err)
+
+
+def test_the_readme_openai_example_runs_against_the_server(served, capsys):
+    """README's `llmlab serve` client example (a ```py block: tests/test_readme.py runs the ```python
+    ones without a server) runs as written, pointed at this server and model."""
+    import re
+
+    from conftest import REPO
+
+    blocks = [b for b in re.findall(r"```py\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+              if "from openai import OpenAI" in b]
+    assert len(blocks) == 1
+    code = blocks[0].replace("http://127.0.0.1:8000", served[0].url).replace('model="a"', 'model="tiny"')
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own documentation
+    printed = capsys.readouterr().out
+    assert "CompletionUsage(completion_tokens=16" in printed and len(printed.split("\n", 1)[1]) > 0

@@ -76,6 +76,16 @@ class Engine:
         self.free_rows = list(range(max_batch - 1, -1, -1))  # popped from the end: row 0 first
         self.decoded = 0
 
+    def warm_up(self) -> None:
+        """One prefill and one decode step of a throw-away sequence: the compiled step compiles
+        here, before any request waits for it."""
+        seq = Sequence([0], 2, Sampling(0))
+        self.attach(seq)
+        try:
+            self.step([seq], [])
+        finally:
+            self.release(seq)
+
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 

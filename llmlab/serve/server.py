@@ -111,6 +111,9 @@ def build(path_or_run: str, args: ServeArgs, runtime: Optional[dict] = None):
                       f"a paged cache of {blocks} blocks", "lower --max-batch, --max-len or --cache-blocks",
                       weight.device.type)
     engine = Engine(model, args.max_batch, max_len, num_blocks=blocks, batch_invariant=args.batch_invariant)
+    if model.runtime.compile:
+        print("compiling the decode step (seconds to a minute, once)...", flush=True)
+        engine.warm_up()
     name = args.model_name or (folder.parent.name if folder.name in ("best", "last") else folder.name)
     served = Served(name, tok, template, stops, max_len, model.config.vocab_size, int(time.time()))
     scheduler = Scheduler(engine, args.max_queue)
