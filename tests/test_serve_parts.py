@@ -156,6 +156,10 @@ def test_an_hf_folder_chat_template_gives_transformers_ids(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     want = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert tok.encode(template.render(messages)) == list(want)
+    from llmlab.hf import convert_from_hf  # `llmlab convert --from-hf` keeps the template for serving
+
+    run = convert_from_hf(tmp_path, tmp_path.parent / f"{tmp_path.name}-run")
+    assert load_served(str(run.parent), "cpu")[2].render(messages) == template.render(messages)
     (tmp_path / "chat_template.jinja").write_text(BOS_ONLY_USER)  # the separate file wins, as in transformers
     strict = load_template(tmp_path)
     assert strict.render([{"role": "user", "content": "x"}]) == "[INST] x [/INST]"
