@@ -2,7 +2,7 @@
 
 SIGTERM (or Ctrl-C): new requests get 503 and /health says so, uvicorn stops accepting
 connections and waits up to --drain-s for the in-flight ones to finish, then the scheduler cancels
-whatever is left and the process exits 0.
+whatever is left and the process exits 0 (130 after Ctrl-C, as every llmlab command).
 """
 from __future__ import annotations
 
