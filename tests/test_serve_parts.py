@@ -102,6 +102,11 @@ def test_the_compiled_engine_is_one_graph_with_the_eager_tokens(monkeypatch):
     with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
         warnings.simplefilter("error")  # a compile failure would warn and decode eagerly
         assert run_engine(engine, seqs(), 2) == want
+    # decoding only the running rows, the batch size changes: the guards pick the graph each step
+    want = run_engine(Engine(model, 3, 96, batch_invariant=False), seqs(), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run_engine(Engine(model, 3, 96, compile=True, batch_invariant=False), seqs(), 2) == want
 
 
 # ---- text --------------------------------------------------------------------------------------

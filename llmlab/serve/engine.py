@@ -122,7 +122,7 @@ class Engine:
         if not self.batch_invariant:  # just the running rows
             self.cache.prepare_rows([s.row for s in decoding], [1] * len(decoding), 1)
             tok = torch.tensor([s.tokens[-1] for s in decoding], dtype=torch.long)
-            self._sample(decoding, self.decoder.prepared(tok.to(self.device)))
+            self._sample(decoding, self.decoder.prepared(tok.to(self.device), same_shapes=False))
             return
         tok = torch.zeros(self.max_batch, dtype=torch.long)
         # rows without a sequence take no token (a newcomer done at its first token rewrites its last
