@@ -240,3 +240,40 @@ def test_the_readme_openai_example_runs_against_the_server(served, capsys):
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own documentation
     printed = capsys.readouterr().out
     assert "CompletionUsage(completion_tokens=16" in printed and len(printed.split("\n", 1)[1]) > 0
+
+
+@pytest.mark.slow
+def test_a_hugging_face_folder_is_served_with_its_chat_template(tmp_path):
+    """`llmlab serve HF_DIR`: a Llama folder with a ChatML template; the chat prompt is the one
+    transformers' apply_chat_template tokenizes (usage.prompt_tokens), greedy text equal to
+    llmlab.from_hf + generate's, cut at the folder's eos id."""
+    transformers = pytest.importorskip("transformers")
+    import llmlab
+    from llmlab.hf import _save_hf_tokenizer
+    from llmlab.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=256, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    _save_hf_tokenizer(ByteTokenizer(), tmp_path / "hf")
+    tc = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": chatml}))
+    messages = [{"role": "user", "content": "Hi there"}]
+    ids = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    free = llmlab.generate(llmlab.from_hf(tmp_path / "hf"), [list(ids)], 20, temperature=0)[0][len(ids):].tolist()
+    eos = free[6]  # a token the greedy reply makes: as the folder's eos it ends the reply there
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    server = Server(tmp_path / "hf", "--max-batch", "2", log=tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        out = client.chat.completions.create(model="hf", messages=messages, max_tokens=20, temperature=0)
+        assert out.usage.prompt_tokens == len(ids)
+        assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == free.index(eos) + 1
+        assert out.choices[0].message.content == ByteTokenizer().decode(free[:free.index(eos)])
+    finally:
+        assert server.stop() == 0, server.output()
