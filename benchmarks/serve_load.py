@@ -209,7 +209,7 @@ class Server:
                         return
                     i, ids = todo.pop(0)
                 results[i] = self.stream(ids, new)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         pool = [threading.Thread(target=client) for _ in range(clients)]
         for t in pool:
             t.start()
@@ -218,7 +218,8 @@ class Server:
         wall = time.perf_counter() - t0
         ordered = [results[i] for i in range(len(requests))]
         out = summary([r[1] for r in ordered], [r[0] for r in ordered], wall)
-        return {**out, "outputs": [r[2] for r in ordered]}
+        # the clients' own share of a core (they run on the same machine as the server)
+        return {**out, "client_cpu": (time.process_time() - cpu0) / wall, "outputs": [r[2] for r in ordered]}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -271,16 +272,18 @@ def report(rounds: dict[str, list[dict]], clients: list[int], modes: list[str], 
           f"{a.prompt_lens.replace(',', '-')} tokens, --max-batch {a.max_batch}, {a.threads} torch thread(s), "
           f"{'compiled' if a.compile else 'eager'}, "
           f"median of {a.rounds} round(s)")
-    print("| contestant | tokens/s | vs 1 client | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | same tokens |")
-    print("|---|---|---|---|---|---|")
+    print("| contestant | tokens/s | vs 1 client | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | same tokens "
+          "| client CPU |")
+    print("|---|---|---|---|---|---|---|")
     for name, m in med.items():
         mode = next((x for x in modes if f"({x})" in name), modes[0] if modes else None)
         one = med.get(f"serve ({mode}), 1 client")
         ratio = f"{m['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one and name.startswith("serve") else ""
         same = "" if not one or not name.startswith("serve") else \
             all(r["outputs"] == rounds[f"serve ({mode}), 1 client"][0]["outputs"] for r in rounds[name])
+        cpu = f"{m['client_cpu']:.0%}" if "client_cpu" in m else ""
         print(f"| {name} | {m['tokens_per_s']:,.0f} | {ratio} | {m['ttft_p50'] * 1e3:.1f} / {m['ttft_p99'] * 1e3:.1f} | "
-              f"{m['itl_p50'] * 1e3:.1f} / {m['itl_p99'] * 1e3:.1f} | {same} |")
+              f"{m['itl_p50'] * 1e3:.1f} / {m['itl_p99'] * 1e3:.1f} | {same} | {cpu} |")
     targets = {}
     for mode in modes:
         one, sixteen = med.get(f"serve ({mode}), 1 client"), med.get(f"serve ({mode}), 16 clients")
