@@ -123,15 +123,16 @@ def test_a_client_that_disconnects_is_cancelled_and_its_blocks_freed(server):
 
 
 def test_admission_waits_for_blocks_and_a_full_queue_is_429(tmp_path):
-    """A pool of 7 blocks of 16: a request needing 5 blocks runs, the next (5 more) waits although
-    a row is free, a third fills the queue (--max-queue 1), a fourth is a 429 with Retry-After."""
-    run = tiny_run(tmp_path / "r")
-    s = Server(run, "--max-batch", "4", "--max-queue", "1", "--block-size", "16", "--cache-blocks", "7",
+    """A pool of 60 blocks of 16: a request needing 40 blocks runs, the next (40 more) waits although
+    a row is free, a third fills the queue (--max-queue 1), a fourth is a 429 with Retry-After.
+    Each runs for seconds (600 tokens), so the waiting is seen whatever the machine's speed."""
+    run = tiny_run(tmp_path / "r", block_size=1024)
+    s = Server(run, "--max-batch", "4", "--max-queue", "1", "--block-size", "16", "--cache-blocks", "60",
                log=tmp_path / "server.log")
     try:
-        long = {"model": "r", "prompt": "a" * 30, "max_tokens": 48, "temperature": 0}  # 78 tokens: 5 blocks
-        status, out, _ = post(s.url + "/v1/completions", {**long, "max_tokens": 98})  # 128 tokens: 8 blocks > 7
-        assert status == 400 and "need 8 cache blocks; the server's pool has 7" in out["error"]["message"]
+        long = {"model": "r", "prompt": "a" * 30, "max_tokens": 600, "temperature": 0}  # 630 tokens: 40 blocks
+        status, out, _ = post(s.url + "/v1/completions", {**long, "max_tokens": 994})  # 1024 tokens: 64 blocks
+        assert status == 400 and "need 64 cache blocks; the server's pool has 60" in out["error"]["message"]
         results = {}
         first = threading.Thread(target=lambda: results.setdefault("a", stream(s.url, long)))
         first.start()
@@ -142,8 +143,8 @@ def test_admission_waits_for_blocks_and_a_full_queue_is_429(tmp_path):
         assert (m["llmlab_requests_running"], m["llmlab_requests_waiting"]) == (1, 1)
         status, out, headers = post(s.url + "/v1/completions", long)
         assert status == 429 and headers["retry-after"] == "1" and out["error"]["type"] == "rate_limit_error"
-        first.join(60)
-        second.join(60)
+        first.join(120)
+        second.join(120)
         assert results["a"][:2] == results["b"][:2] and results["a"][1] == "length"
     finally:
         assert s.stop() == 0, s.output()
@@ -170,14 +171,14 @@ def test_the_api_key_guards_every_endpoint_but_health_and_the_page(tmp_path):
 
 
 def test_sigterm_finishes_the_streams_in_flight_refuses_new_ones_and_exits_0(tmp_path):
-    run = tiny_run(tmp_path / "r")
+    run = tiny_run(tmp_path / "r", block_size=1024)
     s = Server(run, log=tmp_path / "server.log")
-    body = {"model": "r", "prompt": "drain", "max_tokens": 80, "temperature": 0}
+    body = {"model": "r", "prompt": "drain", "max_tokens": 600, "temperature": 0}  # seconds of streaming
     want = stream(s.url, body)
     results = {}
     t = threading.Thread(target=lambda: results.setdefault("in flight", stream(s.url, body)))
     t.start()
-    s.wait_metric("llmlab_requests_running", 1)
+    assert s.wait_metric("llmlab_requests_running", 1)["llmlab_requests_running"] == 1
     s.proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     try:  # the listener is closed (refused) or, if still open, the request is a 503

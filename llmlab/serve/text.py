@@ -6,7 +6,7 @@ the start of a text (SentencePiece drops a leading space). So each new piece is 
 tokens before it as context and the context's own text is cut off (vLLM's incremental
 detokenizer), and nothing ending in U+FFFD is sent until it is complete.
 
-Stop strings: the text is cut before the first occurrence of any of them. While streaming, the
+Stop strings: the text is cut before the first one generated (the occurrence that ends first). While streaming, the
 last len(longest stop) - 1 characters are held back until they can no longer begin a stop string,
 so a client never receives text that a stop string later takes back.
 """
@@ -48,9 +48,10 @@ class TextStream:
     def _cut_at_stop(self) -> None:
         if not self.stop:
             return
-        # a new match can only end inside the text not yet sent
+        # a new match can only end inside the text not yet sent; of several, the one generation
+        # completed first (the earliest end; at the same end the longer, which starts first)
         start = max(0, self.sent - self.hold)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        hits = [(i + len(s), i) for s in self.stop for i in [self.text.find(s, start)] if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            self.text = self.text[:min(hits)[1]]
             self.stopped = True
