@@ -72,6 +72,7 @@ T_CACHE = ("tests/test_sampling_eval.py", "tests/test_generate.py", "tests/test_
            "-k", "not compile")
 T_MLA = ("tests/test_mla.py", "tests/test_hf_deepseek.py", "-k", "not training_steps")
 T_FLASH = ("tests/test_flash_mla.py", "tests/test_flash_mla_model.py", "-k", "not sm90 and not benchmark")
+T_PAGED = ("tests/test_cache_seam.py", "-k", "paged and not compiled")  # every cached rung read through the pool
 
 MUTATIONS: list[Mutation] = [
     # ---- attention -------------------------------------------------------------------------
@@ -104,6 +105,11 @@ MUTATIONS: list[Mutation] = [
       T_HF_MODEL, "token p gets position row p-1 (row 0 never used)"),
     M("padded_rows_positions", CACHE, "positions = (slots[None, :] - pad[:, None]).clamp_min(0)  # (B, T)",
       "positions = slots[None, :].expand(batch, -1)  # (B, T)", T_CACHE, "left-padded rows start at position pad, not 0"),
+    M("yarn_ramp_reversed", "llmlab/model/yarn.py", "return plain / s * (1 - extrapolate) + plain * extrapolate",
+      "return plain / s * extrapolate + plain * (1 - extrapolate)", ("tests/test_hf_yarn.py",),
+      "YaRN interpolates the fast dimensions and keeps the slow ones"),
+    M("yarn_mla_score_factor_dropped", MLA, "return self.attend(q * self.score_factor if self.score_factor != 1.0 else q,",
+      "return self.attend(q,", ("tests/test_hf_yarn.py",), "MLA's prefill forgets YaRN's mscale_all_dim score factor"),
     # ---- norms, MLPs, the block ------------------------------------------------------------
     M("rmsnorm_eps_dropped", LAY, "nn.RMSNorm(config.n_embd, eps=config.norm_eps)", "nn.RMSNorm(config.n_embd)",
       T_HF_MODEL, "RMSNorm uses torch's default eps instead of the config's"),
@@ -123,7 +129,8 @@ MUTATIONS: list[Mutation] = [
     M("residual_init_unscaled", TRF, "std /= math.sqrt(2 * self.config.n_layer)", "std /= 1.0", T_MODEL,
       "GPT-2's 1/sqrt(2L) init of residual projections dropped"),
     # ---- MLA -------------------------------------------------------------------------------
-    M("mla_scale_nope_only", MLA, "self.scale = 1.0 / math.sqrt(q_dim)", "self.scale = 1.0 / math.sqrt(self.d_nope)",
+    M("mla_scale_nope_only", MLA, "self.scale = self.score_factor / math.sqrt(q_dim)",
+      "self.scale = self.score_factor / math.sqrt(self.d_nope)",
       T_MLA, "absorbed scores scaled by 1/sqrt(d_nope), forgetting d_r"),
     M("mla_absorbed_wuk_wuv_swapped", MLA, "return w[:, : self.d_nope], w[:, self.d_nope:]",
       "return w[:, self.d_nope:], w[:, : self.d_nope]", T_MLA, "W_UK and W_UV exchanged in absorption"),
@@ -143,8 +150,8 @@ MUTATIONS: list[Mutation] = [
       "allowed = (s <= q) | (s == q)", T_CACHE, "real tokens attend to left padding"),
     M("paged_store_offset", PAGED, "offset.append(p % bs if p >= 0 else 0)",
       "offset.append((p + 1) % bs if p >= 0 else 0)", T_FLASH, "paged store one row late inside its block"),
-    M("paged_gather_block_index", CACHE, "g = pool[self.table.long()]  # (B, blocks, *layout of one block)",
-      "g = pool[self.table.long() * 0]  # (B, blocks, *layout of one block)", T_FLASH,
+    M("paged_gather_block_index", CACHE, "g = pool.index_select(0, self.table.reshape(-1).long()).view(",
+      "g = pool.index_select(0, self.table.reshape(-1).long() * 0).view(", T_PAGED,
       "a paged read takes every token from the pool's first block"),
     # ---- generation ------------------------------------------------------------------------
     M("top_k_keeps_k_plus_1", GEN, "kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]",

@@ -1,9 +1,16 @@
-"""Regenerate the numbers of docs/ladder.md: run `llmlab compare --presets all --out docs/compare`
-(finished presets in docs/compare/runs/ are reused), then rewrite every
-<!-- numbers:NAME --> ... <!-- /numbers --> block of docs/ladder.md from docs/compare/results.json
-and report.md. The prose around the blocks is left as written.
+"""Regenerate docs/compare and the numbers of docs/ladder.md: run the docs comparison (below) into
+docs/compare (finished runs in docs/compare/runs/ are reused), then rewrite every
+<!-- numbers:NAME --> ... <!-- /numbers --> block of docs/ladder.md from docs/compare/results.json.
+The prose around the blocks states no measured number; where the text interprets numbers
+(the "reading" block, each rung's claims) it is generated from the claims table.
 
-    python docs/make_ladder.py [--fresh] [--no-run] [-- extra llmlab compare flags]
+    python docs/make_ladder.py                 # the docs comparison, then fill docs/ladder.md
+    python docs/make_ladder.py --fresh         # retrain and re-time everything
+    python docs/make_ladder.py --no-run        # only refill docs/ladder.md from docs/compare/results.json
+    python docs/make_ladder.py --out /tmp/c --ladder /tmp/ladder.md -- --presets kv_cache,sinusoidal --max-iters 20
+
+Flags after `--` go to `llmlab compare` after the docs' own (a later flag wins; with --presets,
+the docs' --set items of entries not named are dropped).
 """
 from __future__ import annotations
 
@@ -15,74 +22,124 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
-OUT = DOCS / "compare"
-LADDER = DOCS / "ladder.md"
-BLOCK = re.compile(r"(<!-- numbers:(\w+) -->\n)(.*?)(<!-- /numbers -->)", re.S)
+BLOCK = re.compile(r"(<!-- numbers:([\w-]+) -->\n)(.*?)(<!-- /numbers -->)", re.S)
+
+# The docs comparison: every rung, and the attention kinds on the controlled Llama block (RoPE,
+# RMSNorm, SwiGLU, untied, no biases: llama and rope_mla's block) with everything else equal.
+# 8 heads: MLA's cache (d_c + d_r = 72 values a layer) is below 1/3 of MHA's (2·8·16 = 256).
+# 16 entries x 3 seeds = 48 runs of 300 steps, 2 at a time, then 5 timing rounds at 512/2k/4k of
+# the eager steps (the compiled step, 1.4-1.8x at 4k here, would add ~7 min of compiling and rounds;
+# `llmlab bench decode` measures it).
+PRESETS = "all,llama_mha=llama,llama_gqa4=llama,llama_mqa=llama,mla_c32=rope_mla,mla_c128=rope_mla"
+SETS = ["llama_mha:n_kv_head=8", "llama_gqa4:n_kv_head=4", "llama_mqa:n_kv_head=1", "mla_c32:kv_lora_rank=32",
+        "mla_c128:kv_lora_rank=128"]
+ARGS = ["--n-layer", "4", "--n-head", "8", "--n-embd", "128", "--block-size", "128", "--batch-size", "8",
+        "--max-iters", "300", "--seeds", "3", "--val-tokens", "100000", "--contexts", "512,2048,4096",
+        "--decode-steps", "16", "--rounds", "5", "--no-compile", "--jobs", "2", "--threads", "1"]
 
 
-def fmt(x, digits=0) -> str:
-    return "n/a" if x is None else f"{x:,.{digits}f}"
+def compare_argv(out: Path, extra: list[str], fresh: bool) -> list[str]:
+    presets = PRESETS
+    if "--presets" in extra:
+        i = extra.index("--presets")
+        presets, extra = extra[i + 1], extra[:i] + extra[i + 2:]
+    names = {item.partition("=")[0] for item in presets.split(",")}
+    sets = [s for s in SETS if s.partition(":")[0] in names]
+    return (["compare", "--presets", presets, "--out", str(out), *ARGS, *[a for s in sets for a in ("--set", s)],
+             *(["--fresh"] if fresh else []), *extra])
 
 
-def rung_line(r: dict, first: str) -> str:
-    """One rung's numbers from its results.json object, in words."""
-    if r["status"] != "ok":
-        return f"**Measured** ([report](compare/report.md)): failed — {r.get('error', '')}\n"
-    dec = r["decode"]
-    ctx = "/".join(str(d["context"]) for d in dec)
-    speeds = "/".join(fmt(d["tokens_per_s"]) for d in dec)
-    comp = [d["compiled_tokens_per_s"] for d in dec]
-    compiled = (f", compiled {'/'.join(fmt(c) for c in comp)}" if all(c is not None for c in comp)
-                else ", compiled n/a")
-    cache = (f"{fmt(r['cache_bytes_per_token'])} bytes/token ({r['cache_formula']})" if r["cache_bytes_per_token"]
+# ---- the blocks --------------------------------------------------------------------------------------
+def rung_block(doc: dict, name: str, claims: list) -> str:
+    """One rung's numbers and claims, in words, from its results.json entry."""
+    from llmlab.compare.report import versus_parent
+    from llmlab.compare.results import best_decode_variant, decode_speed, train_speed, val
+
+    e = next((x for x in doc["entries"] if x["name"] == name), None)
+    if e is None:
+        return "_Not in this comparison._\n"
+    if e["status"] != "ok":
+        return f"**Measured** ([report](compare/report.md)): failed — {e.get('error', '')}\n"
+    ctxs = doc["settings"]["contexts"]
+    variant = best_decode_variant(e)
+    speeds = [decode_speed(e, variant, c) for c in ctxs]
+    decode = "/".join(s.text() if s else "n/a" for s in speeds)
+    cache = (f"{e['cache_bytes_per_token']:,} bytes/token ({e['cache_formula']})" if e["cache_bytes_per_token"]
              else "none (recomputes)")
-    return (f"**Measured** ([report](compare/report.md), {r.get('measured_at', '')}): {fmt(r['params'])} parameters "
-            f"({r['params_vs_first']:.3f}x {first}); val loss {r['val_loss']:.4f} after the last step "
-            f"({r['val_loss_whole']:.4f} over the whole val split); {fmt(r['train_tokens_per_s'])} train tokens/s; "
-            f"peak memory {fmt(r['peak_mem_mib'], 1)} MiB; decode ({r['decode_path']}) after {ctx} tokens: "
-            f"{speeds} tokens/s{compiled}; cache {cache}.\n")
+    ts = train_speed(e)
+    text = (f"**Measured** ([report](compare/report.md)): {e['params']:,} parameters; val loss {val(e).text()} over "
+            f"the whole val split ({versus_parent(doc, e)} against {e.get('parent_label') or 'no parent'}); "
+            f"{ts.text() if ts else 'n/a'} train tokens/s; decode ({e['decode_path']}"
+            f"{', compiled' if variant == 'compiled' else ''}) after {'/'.join(map(str, ctxs))} tokens: {decode} "
+            f"tokens/s; cache {cache}.\n")
+    mine = [c for c in claims if name in [r.strip() for r in c.rung.split(",")]]
+    for c in mine:
+        text += f"\n{c.mark} *{c.text}*: {c.measured or 'not measured'}{' — ' + c.note if c.note else ''}.\n"
+    return text
 
 
-def table_block() -> str:
-    """The report's header bullets and table, as they are in docs/compare/report.md."""
-    report = (OUT / "report.md").read_text().splitlines()
-    head = [ln for ln in report if ln.startswith(("- Date", "- Time", "  ran "))]
-    rows = [ln for ln in report if ln.startswith("|")]
-    return "\n".join(head) + "\n\n" + "\n".join(rows) + "\n"
+def reading(claims: list) -> str:
+    """The comparison in words, generated from the claims table (so it never contradicts it)."""
+    held = [c for c in claims if c.verdict is True]
+    failed = [c for c in claims if c.verdict is False]
+    lines = [f"Of {len(claims)} claims, {len(held)} hold (✓), {len(failed)} do not (✗) and "
+             f"{len(claims) - len(held) - len(failed)} were not measured here (–)."]
+    lines += [f"- ✓ {c.text}: {c.measured}." for c in held]
+    lines += [f"- ✗ {c.text}: {c.measured}. Why it can fail: {c.note}." for c in failed]
+    return "\n".join(lines) + "\n"
 
 
-def fill() -> None:
-    results = {r["preset"]: r for r in json.loads((OUT / "results.json").read_text())}
-    first = next((r["preset"] for r in results.values() if r["status"] == "ok"), "the first")
+def blocks(doc: dict) -> dict[str, str]:
+    from llmlab.compare import claims as claims_mod
+    from llmlab.compare import report
 
-    def block(m: re.Match) -> str:
-        name = m.group(2)
-        if name == "table":
-            body = table_block()
-        elif name in results:
-            body = rung_line(results[name], first)
-        else:
-            body = m.group(3)  # a rung not in this comparison keeps what it had
-        return m.group(1) + body + m.group(4)
+    claims = claims_mod.evaluate(doc)
+    header = (f"- Date: {doc['date']}. Machine: {doc['machine']}; torch threads per process: "
+              f"{doc['settings']['threads']}.\n- Time: {doc['wall_s'] / 60:.0f} min for the comparison "
+              f"(`llmlab compare`, its runs {doc['settings']['jobs']} at a time).\n"
+              f"- {report.settings_text(doc)}\n- {report.timing_text(doc)}\n")
+    out = {"settings": header, "claims": claims_mod.markdown(claims) + "\n", "reading": reading(claims),
+           "table": report.ladder_table(doc) + "\n\n" + report.controlled_pairs(doc) + "\n",
+           "attention": report.attention_tables(doc) + "\n", "speed": report.speed_table(doc) + "\n"}
+    for e in doc["entries"]:
+        out[f"rung-{e['name']}"] = rung_block(doc, e["name"], claims)
+    return out
 
-    LADDER.write_text(BLOCK.sub(block, LADDER.read_text()))
-    print(f"wrote {LADDER.relative_to(ROOT)} from {(OUT / 'results.json').relative_to(ROOT)}")
+
+def fill(out: Path, ladder: Path) -> None:
+    """Rewrite every numbers block of `ladder` from out/results.json (a block it has no numbers
+    for says so)."""
+    from llmlab.compare.results import FORMAT
+
+    path = out / "results.json"
+    doc = json.loads(path.read_text()) if path.is_file() else None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        values: dict[str, str] = {}
+        missing = f"_Not generated yet: `python docs/make_ladder.py` fills this from {path.name}._\n"
+    else:
+        values, missing = blocks(doc), "_Not in this comparison._\n"
+    from llmlab.fsutil import atomic_write_bytes
+
+    text = BLOCK.sub(lambda m: m.group(1) + values.get(m.group(2), missing) + m.group(4), ladder.read_text())
+    atomic_write_bytes(ladder, text.encode("utf-8"))
+    print(f"wrote {ladder} from {path}")
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--fresh", action="store_true", help="retrain every rung")
-    p.add_argument("--no-run", action="store_true", help="only refill docs/ladder.md from docs/compare")
+    p.add_argument("--fresh", action="store_true", help="retrain and re-time everything")
+    p.add_argument("--no-run", action="store_true", help="only refill the ladder from the comparison's results.json")
+    p.add_argument("--out", type=Path, default=DOCS / "compare", help="the comparison's folder (default docs/compare)")
+    p.add_argument("--ladder", type=Path, default=DOCS / "ladder.md", help="the file to fill (default docs/ladder.md)")
     ns, extra = p.parse_known_args(argv)
+    sys.path.insert(0, str(ROOT))
     if not ns.no_run:
-        sys.path.insert(0, str(ROOT))
         from llmlab.cli import main as llmlab
 
-        code = llmlab(["compare", "--presets", "all", "--out", str(OUT), *(["--fresh"] if ns.fresh else []),
-                       *[a for a in extra if a != "--"]])
+        code = llmlab(compare_argv(ns.out, [a for a in extra if a != "--"], ns.fresh))
         if code == 2:
             return code
-    fill()
+    fill(ns.out, ns.ladder)
     return 0
 
 

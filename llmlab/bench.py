@@ -251,16 +251,26 @@ def speed_summary(m: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def _stream_timed(model, ids: torch.Tensor, steps: int, **kw) -> tuple[float, float, torch.Tensor]:
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a clock read alone would stop early)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stream_timed(model, ids: torch.Tensor, steps: int, **kw) -> tuple[float, float, torch.Tensor]:
     """Greedy llmlab.stream over ids: (seconds to the first token = prefill, seconds for the next
-    `steps` tokens = decode, those tokens)."""
+    `steps` tokens = decode, those tokens). `llmlab compare` times its decode rounds with it."""
     from llmlab.generation import stream
 
+    device = model.tok_emb.weight.device
     it = stream(model, ids, steps + 1, temperature=0, **kw)
+    _sync(device)
     t0 = time.perf_counter()
     next(it)
+    _sync(device)
     t1 = time.perf_counter()
     toks = torch.cat([next(it) for _ in range(steps)])
+    _sync(device)
     t2 = time.perf_counter()
     it.close()
     return t1 - t0, t2 - t1, toks
@@ -291,7 +301,7 @@ def measure_contexts(model, contexts: list[int], repeats: int, variants: dict[st
         toks: dict[str, torch.Tensor] = {}
         for r in range(1 + repeats):
             for name, (kw, steps) in variants.items():
-                pre, dec, toks[name] = _stream_timed(model, ids, steps, **kw)
+                pre, dec, toks[name] = stream_timed(model, ids, steps, **kw)
                 if r:
                     times[name].append((pre, dec))
         n = min(steps for _, steps in variants.values())  # every variant decodes at least n tokens
@@ -317,33 +327,38 @@ def contexts_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def cache_bytes_entry(name: str, model, max_len: int = 64) -> dict[str, Any]:
     """Measured `bytes_per_token()` of a fresh cache of `model` next to n_layer * (values per
-    token per layer, as its attention kind states them) * bytes per element."""
+    token per layer, as its attention kind states them) * bytes per element. A model whose
+    generation recomputes (basic, flash) keeps no cache: measured and formula are None, as
+    `llmlab compare` reports it."""
+    from llmlab.compare.results import attention_label
+    from llmlab.compare.runtime import NONE, cache_kind
+
     cfg = model.config
-    kind = model.runtime.cache if model.runtime.uses_cache else "dense"  # a recomputing rung's would-be cache
-    cache = model.new_cache(1, min(max_len, model.pos.max_positions or max_len), kind=kind)
     elem = model.tok_emb.weight.element_size()
     attn = lookup("attention", cfg.attention)  # each kind states what it caches per token
     per_layer = values_per_token(attn.cache_spec(cfg))
-    return {"name": name, "attention": cfg.attention, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-            "values_per_layer": per_layer, "formula_text": attn.cache_formula(cfg),
-            "dtype": str(model.tok_emb.weight.dtype), "measured": cache.bytes_per_token(),
-            "formula": cfg.n_layer * per_layer * elem}
+    entry = {"name": name, "attention": attention_label(cfg.to_dict()), "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+             "values_per_layer": per_layer, "formula_text": attn.cache_formula(cfg),
+             "dtype": str(model.tok_emb.weight.dtype), "cache_kind": cache_kind(model)}
+    if entry["cache_kind"] == NONE:
+        return entry | {"measured": None, "formula": None}
+    cache = model.new_cache(1, min(max_len, model.pos.max_positions or max_len), kind=entry["cache_kind"])
+    return entry | {"measured": cache.bytes_per_token(), "formula": cfg.n_layer * per_layer * elem}
 
 
 def cache_bytes_rows(extra: Optional[tuple[str, Any]] = None, max_len: int = 64) -> list[dict[str, Any]]:
     """cache_bytes_entry of every preset in the registry (at the benchmark's sizes), plus the
     benchmark's own model; a preset that cannot build is {"name", "skipped": reason}."""
-    from llmlab.model import Transformer
-    from llmlab.presets import PRESETS, preset_config
+    from llmlab.presets import PRESETS, preset_model
 
     sizes = dict(n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD, vocab_size=VOCAB, block_size=max_len)
     out = []
-    for name in PRESETS:
+    for name in PRESETS:  # each with its own runtime: basic and flash recompute (no cache)
         try:
             try:
-                model = Transformer(preset_config(name, **sizes))
+                model = preset_model(name, **sizes)
             except Exception:  # noqa: BLE001 - a preset whose kinds do not accept these sizes: its defaults
-                model = Transformer(preset_config(name, vocab_size=VOCAB))
+                model = preset_model(name, vocab_size=VOCAB)
         except Exception as e:  # noqa: BLE001 - a preset that cannot build at all is skipped
             out.append({"name": name, "skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:80]}"})
             continue
@@ -407,6 +422,10 @@ def print_cache_bytes(entries: list[dict[str, Any]]) -> None:
     for e in entries:
         if "skipped" in e:
             rows.append([e["name"], "-", "-", "-", "-", "-", "skipped", e["skipped"]])
+            continue
+        if e["measured"] is None:  # recomputes every token: nothing is cached
+            rows.append([e["name"], e["attention"], e["n_layer"], "-", "-", e["dtype"].replace("torch.", ""),
+                         "no cache (recomputes)", "-"])
             continue
         f = e["formula"]
         ok = "yes" if f == e["measured"] else "NO"

@@ -3,6 +3,7 @@
 A checkpoint is a directory:
     model.safetensors        weights (a tied head is stored once)
     config.json              {"model": ModelConfig, "runtime": Runtime (how it runs by default),
+                              "lora": LoraSettings (a LoRA run only: its adapted layers),
                               "tokenizer": kind, "train": args, "state": {...}}
     tokenizer.json           the tokenizer (llmlab's own JSON, or an HF `tokenizers` file for BPE)
     train_state.safetensors  optimizer moments + RNG states (only in training checkpoints)
@@ -23,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from llmlab import fsutil, memory
+from llmlab import fsutil, lora, memory
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
 from llmlab.runtime import Runtime, legacy_runtime, split_legacy
@@ -45,8 +46,8 @@ def save_checkpoint(directory: Path, model: Transformer, tokenizer=None, train_a
                     state: Optional[dict] = None, train_tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write one checkpoint directory atomically. `model` must be the plain module (not compiled or
     wrapped), so names carry no `_orig_mod.` / `module.` prefix."""
-    meta = {"format": "llmlab-1", "model": model.config.to_dict(), "runtime": model.runtime.to_dict(),
-            "tokenizer": getattr(tokenizer, "kind", None), "train": train_args or {}, "state": state or {}}
+    meta = {"format": "llmlab-1", **model_meta(model), "tokenizer": getattr(tokenizer, "kind", None),
+            "train": train_args or {}, "state": state or {}}
 
     def write(tmp: Path) -> None:
         save_model(model, str(tmp / MODEL_FILE))
@@ -58,6 +59,13 @@ def save_checkpoint(directory: Path, model: Transformer, tokenizer=None, train_a
             save_file({k: v.contiguous().cpu() for k, v in train_tensors.items()}, str(tmp / TRAIN_STATE_FILE))
 
     write_dir_atomically(Path(directory), write)
+
+
+def model_meta(model: Transformer) -> dict[str, Any]:
+    """What config.json says about the model: its config, its runtime, and a LoRA run's adapters."""
+    adapters = lora.adapted(model)
+    return {"model": model.config.to_dict(), "runtime": model.runtime.to_dict()} | (
+        {"lora": adapters.to_dict()} if adapters is not None else {})
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
@@ -157,11 +165,12 @@ def build_model(config: ModelConfig, where: str, copies: int = 1) -> Transformer
 
 
 def load(path: Path | str, device: Optional[str] = None, runtime: Optional[Runtime | dict] = None,
-         **overrides: Any) -> Transformer:
+         merge_lora: bool = True, **overrides: Any) -> Transformer:
     """Load a run or checkpoint directory into a Transformer. It runs with the runtime it was saved
     with, or `runtime` (a Runtime, or a dict of changes to the saved one, e.g. {"cache": "paged"});
     `overrides` replace config fields (the earlier names attn_backend / use_cache still work, as
-    runtime changes). Weights come from safetensors only."""
+    runtime changes). A LoRA run's adapters are folded into its weights (a plain Transformer), or,
+    with merge_lora=False, kept as the run trained them (llmlab.lora). Weights come from safetensors only."""
     directory = resolve_checkpoint(path)
     meta = read_meta(directory)
     overrides, legacy = split_legacy(overrides)
@@ -170,7 +179,12 @@ def load(path: Path | str, device: Optional[str] = None, runtime: Optional[Runti
     rt.validate(config)
     model = build_model(config, f"checkpoint {directory}")
     model.use_runtime(rt)
+    adapters = lora_settings(meta, directory)
+    if adapters is not None:
+        lora.inject(model, adapters)
     load_weights(model, directory)
+    if adapters is not None and merge_lora:
+        lora.merge(model)
     try:
         if device is not None:
             model.to(device)
@@ -179,6 +193,41 @@ def load(path: Path | str, device: Optional[str] = None, runtime: Optional[Runti
     except (RuntimeError, AssertionError, ValueError) as e:  # e.g. out of device memory
         raise LlmlabError(f"cannot move the model to device {device} ({fsutil.one_line(e)})") from None
     return model.eval()
+
+
+def lora_settings(meta: dict, directory: Path) -> Optional[lora.LoraSettings]:
+    """The LoRA adapters a checked meta (read_meta) says its weights carry, or None."""
+    if meta.get("lora") is None:
+        return None
+    return lora.LoraSettings.from_dict(meta["lora"], f"checkpoint {directory}/{CONFIG_FILE}")
+
+
+def model_from_meta(meta: dict, directory: Path) -> Transformer:
+    """The model a checked meta describes (config, runtime, LoRA adapters), its weights not loaded."""
+    model = build_model(model_config(meta, directory), f"checkpoint {directory}")
+    model.use_runtime(saved_runtime(meta, directory))
+    adapters = lora_settings(meta, directory)
+    return lora.inject(model, adapters) if adapters is not None else model
+
+
+def save_merged(path: Path | str, out: Path) -> Path:
+    """`llmlab convert RUN --merge-lora --out DIR`: a LoRA run's checkpoint with its adapters folded
+    in, as a plain checkpoint (weights, config, tokenizer; no optimizer state)."""
+    from llmlab.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+    directory = resolve_checkpoint(path)
+    if not (directory / MODEL_FILE).is_file():  # a sharded (--parallel) last/ keeps its weights in dcp/
+        raise LlmlabError(f"{directory} has no {MODEL_FILE} (a sharded --parallel checkpoint?): merge the run's "
+                          f"best/, or `llmlab convert {directory} --out DIR` first and merge DIR")
+    meta = read_meta(directory)
+    adapters = lora_settings(meta, directory)
+    if adapters is None:
+        raise LlmlabError(f"{directory} has no LoRA adapters to merge (it is a plain checkpoint: use it as it is)")
+    model = load(directory)
+    tokenizer = load_tokenizer(directory) if (directory / TOKENIZER_FILE).is_file() else None
+    state = {k: v for k, v in meta["state"].items() if k != "optimizer"} | {"merged_lora": adapters.to_dict()}
+    save_checkpoint(out, model, tokenizer, meta["train"], state)
+    return out
 
 
 def load_weights(model: Transformer, directory: Path) -> None:

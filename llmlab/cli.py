@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-hf", help="Hugging Face model directory to import (with --out)")
     p.add_argument("--out", help="checkpoint directory to write (with --from-hf, or a sharded run_dir)")
     p.add_argument("--to-hf", help="directory to write the Hugging Face model to")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="fold a LoRA run's adapters into its weights (with --out: a plain checkpoint; "
+                        "--to-hf always merges them)")
     sub.add_parser("presets", help="list the rungs of the ladder")
     p = sub.add_parser("plot", help="PNG of train and val loss of a run")
     p.add_argument("run_dir")
@@ -85,31 +88,13 @@ def _serve_parser(sub) -> None:
 
 
 def _compare_parser(sub) -> None:
-    from llmlab.compare.runner import CompareSettings as S
+    from llmlab.compare.settings import CompareSettings
+    from llmlab.settings import add_flags
 
     p = sub.add_parser("compare", help="train several presets alike and measure them side by side: "
-                                       "report.md, results.json and plots")
-    p.add_argument("--presets", default="all", help="comma-separated rungs, or all (default all)")
-    p.add_argument("--out", default="runs/compare", help="comparison directory (default runs/compare); "
-                                                         "run again to reuse its finished presets")
-    p.add_argument("--fresh", action="store_true", help="retrain every preset instead of reusing finished ones")
-    p.add_argument("--data", help="text file, directory of text files, or 'shakespeare' (default: built-in)")
-    p.add_argument("--tokenizer", choices=["byte", "char", "bpe"], default=S.tokenizer)
-    for flag in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "eval_interval",
-                 "eval_iters", "seed", "decode_steps", "repeats"):
-        p.add_argument("--" + flag.replace("_", "-"), type=int, default=getattr(S, flag),
-                       help=f"default {getattr(S, flag)}")
-    p.add_argument("--lr", type=float, default=S.lr)
-    p.add_argument("--contexts", default="32,64,96", help="decode context lengths (default 32,64,96)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S.compile,
-                   help="also time the compiled decode step where it applies (10-30 s to compile per preset)")
-    p.add_argument("--val-tokens", type=int, default=None,
-                   help="the whole-split val loss over at most this many tokens (default: all of them)")
-    p.add_argument("--threads", type=int, default=S.threads, help="torch threads per preset (default 1: steady on a shared machine; 0: torch's default)")
-    p.add_argument("--device", default=S.device, help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--set", action="append", default=[], metavar="PRESET:KEY=VALUE",
-                   help="one preset's own setting, e.g. gqa:n_kv_head=1 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-preset lines")
+                                       "report.md with its claims table, results.json and plots",
+                       argument_default=argparse.SUPPRESS)
+    add_flags(p, CompareSettings)  # every flag comes from a field (help text and default there)
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -166,43 +151,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: str, device: str, runtime: Optional[dict] = None):
-    """Model + tokenizer of a run for sample / eval, every way they can be unusable checked first:
-    device, config, memory, weights that are not finite, a tokenizer that does not fit the model.
-    `runtime`: changes to how the run's model runs (llmlab.runtime)."""
-    import torch
-
-    from llmlab.checkpoint import load, resolve_checkpoint
-    from llmlab.device import resolve_device
-    from llmlab.tokenizer import load_tokenizer
-    from llmlab.training.dcp import is_sharded
-
-    dev = resolve_device(device)  # before loading anything: fails fast on a device this machine lacks
-    directory = resolve_checkpoint(run_dir)
-    if is_sharded(directory):
-        raise LlmlabError(f"{directory} is a sharded (--parallel) checkpoint: `llmlab convert {directory} "
-                          "--out DIR` writes a single one to use here")
-    tok = load_tokenizer(directory)
-    model = load(directory, device=dev, runtime=runtime)
-    if tok.vocab_size > model.config.vocab_size:
-        raise LlmlabError(f"the tokenizer in {directory} has {tok.vocab_size} ids but the model only "
-                          f"{model.config.vocab_size}; they do not belong together (retrain or re-convert)")
-    with torch.no_grad():
-        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise LlmlabError(f"checkpoint {directory} has NaN/inf weights ({bad[0]}, {len(bad)} tensor(s)); "
-                          "use an earlier checkpoint (e.g. best/) or retrain")
-    return model, tok
-
-
 def cmd_sample(ns: argparse.Namespace) -> int:
     from llmlab.command_args import RuntimeArgs, SampleArgs, split
+    from llmlab.run_loader import load_run
     from llmlab.sample import stream_text
 
     a, rt = split(ns, SampleArgs, RuntimeArgs)
     if a.seed is not None and not 0 <= a.seed < 2**63:
         raise LlmlabError(f"--seed must be in [0, 2^63), got {a.seed}")
-    model, tok = _load_run(ns.run_dir, a.device, rt.changes())
+    model, tok = load_run(ns.run_dir, a.device, rt.changes())
     if a.prompt:
         tok.encode(a.prompt)  # a prompt the tokenizer cannot encode fails here, before any output
         sys.stdout.write(a.prompt)
@@ -217,10 +174,11 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from llmlab.checkpoint import read_meta, resolve_checkpoint
     from llmlab.command_args import EvalArgs, split
     from llmlab.data import encode_corpus, load_text, split_ids
+    from llmlab.run_loader import load_run
     from llmlab.training.evaluate import consecutive_windows, mean_loss
 
     (a,) = split(ns, EvalArgs)
-    model, tok = _load_run(ns.run_dir, a.device)
+    model, tok = load_run(ns.run_dir, a.device)
     meta = read_meta(resolve_checkpoint(ns.run_dir))
     data = a.data if a.data is not None else meta["train"].get("data")
     if a.data is None and data not in (None, "shakespeare") and not Path(data).exists():
@@ -244,6 +202,12 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
     if ns.to_hf and ns.out:
         raise LlmlabError("--to-hf DIR is where the export goes; --out does not apply to it: drop one of them")
+    if ns.merge_lora and ns.run_dir and ns.out and not ns.from_hf:
+        from llmlab.checkpoint import save_merged
+
+        save_merged(ns.run_dir, check_out_path(ns.out, "--out", directory=True))
+        print(f"converted {ns.run_dir} -> {ns.out} (LoRA adapters merged into the weights)")
+        return 0
     if ns.run_dir and ns.out and not ns.to_hf and not ns.from_hf and is_sharded(Path(ns.run_dir)):
         # the single-process rules: never into a run, a checkpoint, a non-empty folder or over a file
         out = check_out_path(ns.out, "--out", directory=True)
@@ -264,7 +228,8 @@ def cmd_convert(ns: argparse.Namespace) -> int:
         hf.convert_to_hf(ns.run_dir, ns.to_hf)
         print(f"converted {ns.run_dir} -> {ns.to_hf} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     else:
-        raise LlmlabError("use `llmlab convert --from-hf HF_DIR --out RUN_DIR`, `llmlab convert RUN_DIR --to-hf HF_DIR` "
+        raise LlmlabError("use `llmlab convert --from-hf HF_DIR --out RUN_DIR`, `llmlab convert RUN_DIR --to-hf HF_DIR`, "
+                          "`llmlab convert RUN --merge-lora --out DIR` (a LoRA run) "
                           "or `llmlab convert RUN/last --out DIR` (a sharded checkpoint)")
     return 0
 
@@ -293,25 +258,13 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from llmlab.compare.runner import CompareSettings, parse_overrides, run_compare
-    from llmlab.presets import PRESETS
+    from llmlab.compare import CompareSettings, run_compare
 
-    names = [p.strip() for p in ns.presets.split(",") if p.strip()]
-    presets = list(PRESETS) if names == ["all"] else names
-    try:
-        contexts = [int(c) for c in ns.contexts.split(",") if c.strip()]
-    except ValueError:
-        raise LlmlabError(f"--contexts must be comma-separated positive integers, got {ns.contexts!r}") from None
-    keys = ("out", "fresh", "data", "tokenizer", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
-            "eval_interval", "eval_iters", "seed", "decode_steps", "repeats", "lr", "compile", "val_tokens", "threads", "device", "quiet")
-    settings = CompareSettings(presets=presets, contexts=contexts, overrides=parse_overrides(ns.set),
-                               **{k: getattr(ns, k) for k in keys})
-    results, paths = run_compare(settings)
-    failed = [r["preset"] for r in results if r["status"] != "ok"]
-    print(f"compared {len(results)} preset(s), {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
-    for what in ("report", "results", "val_loss", "decode", "cache"):
-        if what in paths:
-            print(f"wrote {paths[what]}")
+    doc, paths = run_compare(CompareSettings(**{k: v for k, v in vars(ns).items() if k != "command"}))
+    failed = [e["name"] for e in doc["entries"] if e["status"] != "ok"]
+    print(f"compared {len(doc['entries'])} preset(s), {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
+    for path in paths.values():
+        print(f"wrote {path}")
     return 1 if failed else 0
 
 

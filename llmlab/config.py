@@ -37,6 +37,14 @@ class ModelConfig:
     attention: str = "mha"
     position: str = "learned"
     rope_theta: float = 10000.0
+    # RoPE stretched to a longer context with YaRN (llmlab.model.yarn), as DeepSeek-V2/V3 ship it; None: plain
+    rope_scaling: Optional[str] = None  # "yarn"
+    rope_factor: Optional[float] = None  # s: how many times the pretraining context
+    rope_original_positions: Optional[int] = None  # L: the pretraining context
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 0.0  # YaRN's m of the attention factor (0: unset, as in transformers)
+    rope_mscale_all_dim: float = 0.0  # m_all (0: unset)
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"
@@ -163,6 +171,7 @@ class ModelConfig:
                  f"{name} must be a positive integer (or unset), got {getattr(self, name)}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.rope_theta > 0, f"rope_theta must be a finite number > 0, got {self.rope_theta}")
+        self._validate_rope_scaling(need)
         need(self.norm_eps >= 0, f"norm_eps must be a finite number >= 0, got {self.norm_eps}")
         if self.head_dim is None:
             need(self.n_embd % self.n_head == 0,
@@ -180,6 +189,19 @@ class ModelConfig:
             if self.position == "rope":
                 need(self.head_size % 2 == 0, f"RoPE needs an even head size, got {self.head_size}")
         self._validate_moe(need)
+
+    def _validate_rope_scaling(self, need) -> None:
+        need(self.rope_scaling in (None, "yarn"), f"rope_scaling must be 'yarn' or unset, got {self.rope_scaling!r}")
+        if self.rope_scaling is None:
+            return
+        need(self.position == "rope", f"rope_scaling applies to position='rope' (got {self.position!r})")
+        need(self.rope_factor is not None and self.rope_factor >= 1,
+             f"rope_factor (YaRN's context extension) must be >= 1, got {self.rope_factor}")
+        need(self.rope_original_positions is not None and self.rope_original_positions > 0,
+             f"rope_original_positions (YaRN's pretraining context) must be > 0, got {self.rope_original_positions}")
+        need(self.rope_beta_fast > 0 and self.rope_beta_slow > 0,
+             f"rope_beta_fast and rope_beta_slow must be > 0, got {self.rope_beta_fast}, {self.rope_beta_slow}")
+        need(self.rope_mscale >= 0 and self.rope_mscale_all_dim >= 0, "rope_mscale and rope_mscale_all_dim must be >= 0")
 
     def _validate_mla(self, need) -> None:
         for name in MLA_FIELDS:

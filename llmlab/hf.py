@@ -55,9 +55,10 @@ def _transformers():
 
 
 # ---- configs ------------------------------------------------------------------------------------
-def _rope_theta(c) -> float:
-    """RoPE base of a Llama-family config; only plain (unscaled, full-width) RoPE maps to ours.
-    transformers 5.x keeps it in `rope_parameters`; older versions used rope_theta + rope_scaling."""
+def rope_fields(c) -> dict:
+    """ModelConfig's RoPE fields of a Llama-family / DeepSeek config: its base, and YaRN's settings
+    where it stretches RoPE with them; other scalings are refused. transformers 5.x keeps these in
+    `rope_parameters`; older versions used rope_theta + rope_scaling."""
     if hasattr(c, "rope_parameters"):
         params = dict(c.rope_parameters or {})
     else:
@@ -65,15 +66,36 @@ def _rope_theta(c) -> float:
     if params and not any(k in params for k in ("rope_type", "type", "rope_theta")):
         raise LlmlabError(f"{c.model_type}: per-layer RoPE parameters ({', '.join(params)}) are not supported")
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise LlmlabError(f"{c.model_type}: RoPE scaling {kind!r} is not supported (only plain RoPE maps to llmlab)")
+    if kind not in ("default", "yarn"):
+        raise LlmlabError(f"{c.model_type}: RoPE scaling {kind!r} is not supported (plain RoPE and YaRN map to llmlab)")
     if float(params.get("partial_rotary_factor") or 1.0) != 1.0:
         raise LlmlabError(f"{c.model_type}: partial rotary embeddings are not supported")
     theta = params.get("rope_theta", getattr(c, "rope_theta", None))
     try:
-        return float(theta if theta is not None else 10000.0)
-    except (TypeError, ValueError):
-        raise LlmlabError(f"{c.model_type}: rope_theta {theta!r} is not a number") from None
+        fields = {"rope_theta": float(theta if theta is not None else 10000.0)}
+        if kind == "yarn":
+            if params.get("attention_factor") is not None or params.get("truncate", True) is False:
+                raise LlmlabError(f"{c.model_type}: YaRN with an explicit attention_factor or truncate=false is not "
+                                  "supported")
+            original = int(params["original_max_position_embeddings"])
+            factor = params.get("factor") or c.max_position_embeddings / original
+            fields |= dict(rope_scaling="yarn", rope_factor=float(factor), rope_original_positions=original,
+                           rope_beta_fast=float(params.get("beta_fast") or 32), rope_beta_slow=float(params.get("beta_slow") or 1),
+                           rope_mscale=float(params.get("mscale") or 0), rope_mscale_all_dim=float(params.get("mscale_all_dim") or 0))
+    except (TypeError, ValueError, KeyError) as e:
+        raise LlmlabError(f"{c.model_type}: RoPE parameters {params} are not numbers llmlab can read "
+                          f"({one_line(e)})") from None
+    return fields
+
+
+def rope_parameters(cfg: ModelConfig) -> dict:
+    """The HF `rope_parameters` of a ModelConfig (the inverse of rope_fields)."""
+    params: dict = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    if cfg.rope_scaling == "yarn":
+        params |= {"rope_type": "yarn", "factor": cfg.rope_factor, "original_max_position_embeddings":
+                   cfg.rope_original_positions, "beta_fast": cfg.rope_beta_fast, "beta_slow": cfg.rope_beta_slow}
+        params |= {k: v for k, v in (("mscale", cfg.rope_mscale), ("mscale_all_dim", cfg.rope_mscale_all_dim)) if v}
+    return params
 
 
 def config_from_hf(c) -> ModelConfig:
@@ -94,14 +116,14 @@ def config_from_hf(c) -> ModelConfig:
             position="learned", norm="layernorm", norm_eps=c.layer_norm_epsilon,
             mlp=GPT2_ACTS[act])
     if arch in DEEPSEEK:  # MLA + RoPE + RMSNorm + SwiGLU / MoE
-        return config_from_deepseek(c, _rope_theta(c))
+        return config_from_deepseek(c, rope_fields(c))
     # llama / qwen2: pre-norm RMSNorm + RoPE + SwiGLU
     if c.hidden_act not in ("silu", "swish"):
         raise LlmlabError(f"{arch}: MLP activation {c.hidden_act!r} is not supported (only silu / SwiGLU)")
     if arch == "qwen2" and (getattr(c, "use_sliding_window", False)
                             or any(t != "full_attention" for t in (getattr(c, "layer_types", None) or ()))):
         raise LlmlabError("qwen2: sliding-window attention is not supported (set use_sliding_window=false)")
-    theta = _rope_theta(c)
+    rope = rope_fields(c)
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv = c.num_key_value_heads or c.num_attention_heads
     if arch == "llama":  # q/k/v/o share attention_bias; gate/up/down share mlp_bias
@@ -115,7 +137,7 @@ def config_from_hf(c) -> ModelConfig:
         n_embd=c.hidden_size, head_dim=None if hd == c.hidden_size // c.num_attention_heads else hd,
         intermediate_size=c.intermediate_size, dropout=0.0, bias=bias,
         qkv_bias=None if qkv_bias == bias else qkv_bias, tie_embeddings=bool(c.tie_word_embeddings),
-        attention="mha", position="rope", rope_theta=theta, norm="rmsnorm",
+        attention="mha", position="rope", norm="rmsnorm", **rope,
         norm_eps=c.rms_norm_eps, mlp="swiglu")
 
 
@@ -126,7 +148,7 @@ def config_to_hf(cfg: ModelConfig):
     no_ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # the model does not know them
     try:
         if cfg.attention == "mla":
-            return config_to_deepseek(tf, cfg, no_ids)
+            return config_to_deepseek(tf, cfg, no_ids, rope_parameters(cfg))
         if cfg.mlp == "moe":
             raise LlmlabError("cannot export to Hugging Face: mlp='moe' maps to DeepSeek-V2/V3, which need "
                               f"attention='mla' (this model has attention={cfg.attention!r}; e.g. preset deepseek)")
@@ -147,7 +169,7 @@ def config_to_hf(cfg: ModelConfig):
                 vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_size,
                 num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
                 max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-                rope_theta=float(cfg.rope_theta),  # 5.x folds it into rope_parameters, 4.x keeps it
+                rope_parameters=rope_parameters(cfg),
                 attention_dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, **no_ids)
             if cfg.head_size * cfg.n_head != cfg.n_embd:
                 common["head_dim"] = cfg.head_size
@@ -277,7 +299,9 @@ def _check_safetensors_only(path: Path) -> None:
                           "(convert them to safetensors first)")
 
 
-def _load_hf_dir(path: Path):
+def check_hf_dir(path: Path):
+    """(transformers module, model class, HF config) of a local HF model directory, checked
+    without reading its weights: a supported architecture, a loadable config, safetensors only."""
     tf = _transformers()
     if not path.is_dir():
         raise LlmlabError(f"{path} is not a directory; from_hf reads a local Hugging Face model directory "
@@ -299,6 +323,19 @@ def _load_hf_dir(path: Path):
         raise LlmlabError(f"{path}/config.json is not a loadable Hugging Face config ({one_line(e)})") from None
     config_from_hf(hf_config)  # fail on unsupported models before reading any weights
     _check_safetensors_only(path)
+    return tf, model_cls, hf_config
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checked HF directory (check_hf_dir): one, or the index's shards."""
+    index = path / SAFETENSORS_FILES[1]
+    if index.is_file():
+        return [path / name for name in sorted(set(map(str, _plain_json(index)["weight_map"].values())))]
+    return [path / SAFETENSORS_FILES[0]]
+
+
+def _load_hf_dir(path: Path):
+    tf, model_cls, hf_config = check_hf_dir(path)
     try:
         dtype_kw = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.x
         model, info = model_cls.from_pretrained(

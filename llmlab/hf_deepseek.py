@@ -62,8 +62,9 @@ def _moe_from_deepseek(c, arch: str) -> dict:
                          n_group=c.n_group if grouped else None, topk_group=c.topk_group if grouped else None)
 
 
-def config_from_deepseek(c, rope_theta: float) -> ModelConfig:
-    """The ModelConfig of an HF DeepseekV2Config / DeepseekV3Config (`rope_theta` read by the caller)."""
+def config_from_deepseek(c, rope: dict) -> ModelConfig:
+    """The ModelConfig of an HF DeepseekV2Config / DeepseekV3Config (its RoPE fields, plain or
+    YaRN, read by the caller: llmlab.hf.rope_fields)."""
     arch, n_layer = c.model_type, c.num_hidden_layers
     if c.hidden_act not in ("silu", "swish"):
         raise LlmlabError(f"{arch}: MLP activation {c.hidden_act!r} is not supported (only silu / SwiGLU)")
@@ -81,12 +82,12 @@ def config_from_deepseek(c, rope_theta: float) -> ModelConfig:
         n_head=c.num_attention_heads, n_embd=c.hidden_size, intermediate_size=c.intermediate_size,
         dropout=0.0, bias=attn_bias or mlp_bias, qkv_bias=None if attn_bias == (attn_bias or mlp_bias) else attn_bias,
         tie_embeddings=bool(c.tie_word_embeddings), attention="mla", position="rope",
-        rope_theta=rope_theta, norm="rmsnorm", norm_eps=c.rms_norm_eps,
+        **rope, norm="rmsnorm", norm_eps=c.rms_norm_eps,
         kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank or None, qk_nope_head_dim=c.qk_nope_head_dim,
         qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, **mlp)
 
 
-def config_to_deepseek(tf, cfg: ModelConfig, no_ids: dict):
+def config_to_deepseek(tf, cfg: ModelConfig, no_ids: dict, rope: dict):
     """(model_type, HF config) for an `mla` + rope + rmsnorm + swiglu/moe ModelConfig."""
     if not (cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp in ("swiglu", "moe")):
         raise LlmlabError("cannot export to Hugging Face DeepSeek-V2/V3: attention='mla' needs position='rope', "
@@ -95,7 +96,7 @@ def config_to_deepseek(tf, cfg: ModelConfig, no_ids: dict):
         vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_size,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
         max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-        rope_theta=float(cfg.rope_theta), attention_bias=cfg.has_qkv_bias or cfg.bias,
+        rope_parameters=rope, attention_bias=cfg.has_qkv_bias or cfg.bias,
         attention_dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings,
         kv_lora_rank=cfg.latent_dim, q_lora_rank=cfg.q_lora_rank, qk_nope_head_dim=cfg.nope_head_dim,
         qk_rope_head_dim=cfg.rope_head_dim, v_head_dim=cfg.value_head_dim, **no_ids)

@@ -83,6 +83,12 @@ def preset_model(name: str, runtime: Optional[Runtime] = None, **overrides: Any)
 
     return Transformer(preset_config(name, **overrides), runtime or preset_runtime(name))
 
+# The rung each one changes (its description says how): `llmlab compare` reports each rung's
+# differences from its parent. A rung added without a line here is compared with nothing.
+PARENT = {"flash": "basic", "kv_cache": "flash", "mqa": "kv_cache", "gqa": "kv_cache", "naive_mla": "kv_cache",
+          "sinusoidal": "kv_cache", "rope": "kv_cache", "rope_mla": "rope", "flash_mla": "rope_mla", "llama": "rope",
+          "moe": "kv_cache", "deepseek": "rope_mla"}
+
 
 def preset_config(name: str, **overrides: Any) -> ModelConfig:
     """The full ModelConfig of a preset: small defaults, then the preset's kinds, then overrides."""

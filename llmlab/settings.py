@@ -2,7 +2,9 @@
 
 A field `max_iters: int = 600` with `metadata={"help": "..."}` becomes `--max-iters N` (type from
 the annotation, help from the metadata, default shown); a bool becomes `--X/--no-X`; `choices`
-in the metadata restricts the value; `none` says what a None default means. TOML files are checked
+in the metadata restricts the value; `none` says what a None default means; a `list[int]` /
+`list[str]` field takes comma-separated values (`--contexts 512,2048`), or, with `repeat` in the
+metadata, one value per use of a repeatable flag (`--set a --set b`). TOML files are checked
 against the same annotations (llmlab.validate.check_fields) and choices (check_choices).
 
 Why a generator of ~90 lines instead of tyro / jsonargparse: llmlab's CLI rules (one `error:` line,
@@ -19,6 +21,14 @@ import typing
 from typing import Any
 
 from llmlab.errors import LlmlabError
+
+
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its help text (and choices / what None means / metavar / repeat) next
+    to it; a list default gets a fresh copy per instance."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
 def finite_float(text: str) -> float:
@@ -44,6 +54,9 @@ def flag_name(name: str) -> str:
 
 def default_text(f: dataclasses.Field) -> str:
     """What `--help` shows as a field's default (a None default's meaning comes from metadata)."""
+    if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:  # a list
+        value = f.default_factory()
+        return ",".join(map(str, value)) if value else "none"
     if f.default is None:
         return f.metadata.get("none", "none")
     if isinstance(f.default, bool):
@@ -53,6 +66,17 @@ def default_text(f: dataclasses.Field) -> str:
 
 _PARSE = {int: int, float: finite_float, str: str}
 _METAVAR = {int: "N", float: "X", str: "TEXT"}
+
+
+def comma_list(item: type):
+    """argparse type of a comma-separated list of `item`s: "512,2048" -> [512, 2048]."""
+    def parse(text: str) -> list:
+        values = [_PARSE[item](v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}")
+        return values
+    parse.__name__ = f"comma-separated {item.__name__}"  # argparse names it in its error line
+    return parse
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -68,8 +92,13 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         # argparse %-formats help strings: a literal % must be doubled
         text = f"{f.metadata['help']} (default: {default_text(f)})".replace("%", "%%")
         kw: dict[str, Any] = {"help": text}
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction  # --compile / --no-compile
+        elif item in _PARSE and f.metadata.get("repeat"):  # --set a --set b -> [a, b]
+            kw.update(action="append", type=_PARSE[item], metavar=f.metadata.get("metavar", _METAVAR[item]))
+        elif item in _PARSE:  # --contexts 512,2048 -> [512, 2048]
+            kw.update(type=comma_list(item), metavar=f.metadata.get("metavar", f"{_METAVAR[item]},..."))
         elif tp in _PARSE:
             kw["type"] = _PARSE[tp]
             kw["metavar"] = f.metadata.get("metavar", _METAVAR[tp])

@@ -79,14 +79,32 @@ def test_decode_bench_help(capsys):
 def test_cache_bytes_per_token_equals_formula_for_every_preset():
     """Measured bytes vs the formula written out here from each preset's config (fp32)."""
     from llmlab import preset_config
+    from llmlab.presets import preset_runtime
 
     rows = {r["name"]: r for r in bench.cache_bytes_rows()}
     assert {"mqa", "gqa", "naive_mla", "rope_mla"} <= set(rows)
     for name, r in rows.items():
         c = preset_config(name, n_layer=bench.N_LAYER, n_embd=bench.N_EMBD, n_head=bench.N_HEAD)
+        if not preset_runtime(name).uses_cache:  # basic, flash: generation recomputes, nothing is cached
+            assert r["measured"] is None and r["formula"] is None, r
+            continue
         per_layer = c.latent_dim + c.rope_head_dim if c.attention == "mla" else 2 * c.kv_heads * c.head_size
         assert r["measured"] == r["formula"] == c.n_layer * per_layer * 4, r
     assert rows["rope_mla"]["measured"] == 4 * (4 * 32 + 16) * 4  # d_c = 4*head_dim, d_r = head_dim/2
+
+
+def test_cache_table_says_which_rungs_cache_and_how_heads_share(capsys):
+    """basic/flash keep no cache (as compare reports); the attention column names the sharing
+    (8 heads: mqa 1 key/value head, gqa and llama 2), not the kind's registry name `mha`."""
+    entries = bench.cache_bytes_rows()
+    labels = {e["name"]: e["attention"] for e in entries}
+    assert labels["kv_cache"] == "MHA" and labels["mqa"] == "MQA" and labels["gqa"] == labels["llama"] == "GQA-2"
+    assert labels["rope_mla"] == "MLA d_c=128 d_r=16" and labels["naive_mla"] == "MLA d_c=128 d_r=0"
+    bench.print_cache_bytes(entries)
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    for name in ("basic", "flash"):
+        assert "no cache (recomputes)" in lines[name] and "8,192" not in lines[name]
+    assert "2,048 (yes)" in lines["gqa"] and "GQA-2" in lines["gqa"]  # 4 layers x 2 x 2 heads x 32 x 4 B
 
 
 def load_script(name: str):

@@ -182,3 +182,26 @@ def test_a_paged_step_reads_only_the_blocks_its_longest_row_needs():
     for i, seq in enumerate((short + [7], long + [8])):
         alone = model(torch.tensor([seq]))[0, -1]
         assert (logits[i] - alone).abs().max() <= 1e-4 * alone.abs().max()
+
+
+def test_compiled_decode_past_the_position_tables_never_recompiles(monkeypatch):
+    """RoPE tables start at block_size 16 and grow with each longer generation (20, 41, 83
+    positions): the cache hands the compiled step its cut of them, whose length is dynamic, so
+    one graph serves every length (on dynamo's eager backend)."""
+    import torch._dynamo
+
+    from llmlab import compiled
+
+    monkeypatch.setattr(compiled, "COMPILE_OPTIONS", None)
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", fullgraph=True))
+    compiled._steps.clear()
+    model = model_for("rope", block_size=16)
+    prompt = torch.tensor([prompts((3,))[0]])
+    torch._dynamo.reset()
+    generate(model, prompt, 17, temperature=0, compile=True)  # compiles once
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (38, 80):  # the tables grow past what the graph saw
+            got = generate(model, prompt, n, temperature=0, compile=True)
+            assert torch.equal(got, generate(model, prompt, n, temperature=0))

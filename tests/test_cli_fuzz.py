@@ -112,7 +112,7 @@ def _train_bad_values():
     from llmlab.training.args import TrainArgs
 
     positive = {"batch_size", "grad_accum", "eval_interval", "eval_iters", "batch_threads", "lr_decay_iters",
-                "n_layer", "n_head", "n_kv_head", "n_embd", "block_size"}
+                "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "kv_lora_rank"}
     non_negative = {"max_iters", "warmup_iters", "sample_tokens"}
     float_ranges = {"lr": ["0", "-1e-3"], "min_lr": ["-1"], "weight_decay": ["-1"], "grad_clip": ["-1"],
                     "beta1": ["1", "5", "-0.1"], "beta2": ["1.5", "-1"], "dropout": ["1", "-0.5", "2"]}
@@ -136,6 +136,11 @@ def _train_bad_values():
             cases.append(st.tuples(st.just(flag), st.text(max_size=8).filter(lambda t, c=f.metadata["choices"]: t not in c)))
         elif f.name == "device":
             cases.append(st.tuples(st.just(flag), BAD_DEVICE))
+        elif f.name in ("attention", "position", "norm", "mlp"):  # a kind: any name not registered
+            import llmlab.model  # noqa: F401 - fills the registry
+            from llmlab.registry import names
+
+            cases.append(st.tuples(st.just(flag), st.text(max_size=8).filter(lambda t, k=names(f.name): t not in k)))
     return st.one_of(cases)
 
 

@@ -110,3 +110,19 @@ def test_cached_decode_past_block_size_equals_recompute(preset):
     assert (steps - full[:, 10:]).abs().max() <= 1e-5
     # (greedy generation past block_size, cached vs recomputed, is test_generate's
     # test_generation_past_block_size; these logits are the stronger check)
+
+
+def test_sinusoidal_positions_start_at_the_token_embeddings_scale():
+    """At init the added position signal is about as large as the token signal (was ~35x larger:
+    a table of amplitude 1 beside embeddings of std 0.02), and the table is still the fixed
+    sinusoids, scaled, with no parameters."""
+    model = Transformer(tiny(preset="sinusoidal", n_embd=64, block_size=64))
+    rms = lambda t: t.float().pow(2).mean().sqrt().item()  # noqa: E731
+    tok, pos = rms(model.tok_emb.weight), rms(model.pos.table)
+    assert 0.5 < pos / tok < 2, (pos, tok)
+    assert pos == pytest.approx(0.02, rel=1e-3)  # sin² + cos² = 1 per pair: RMS 1/√2 before scaling by 0.02·√2
+    assert torch.allclose(model.pos.table, sinusoidal_table(64, 64) * 0.02 * math.sqrt(2))
+    learned = Transformer(tiny(preset="kv_cache", n_embd=64, block_size=64))
+    assert learned.num_params() - model.num_params() == 64 * 64 and not list(model.pos.parameters())
+    model.pos.ensure_length(100)  # grown on demand at the same scale
+    assert torch.allclose(model.pos.table, sinusoidal_table(100, 64) * 0.02 * math.sqrt(2))

@@ -240,3 +240,17 @@ def test_shard_with_a_tensor_this_model_never_has_is_refused(tmp_path, sharded_r
     assert cli(["convert", str(run / "last"), "--out", str(tmp_path / "single")]) == 2
     err = capsys.readouterr().err
     assert "model.evil" in err and "never has" in err and err.count("\n") == 1
+
+
+def test_sharded_convert_of_a_model_too_large_for_memory_is_one_line(tmp_path, sharded_run, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(sharded_run, run)
+    meta = json.loads((run / "last" / "config.json").read_text())
+    meta["model"].update(n_embd=1_000_000, n_head=2)
+    (run / "last" / "config.json").write_text(json.dumps(meta))
+    assert cli(["convert", str(run / "last"), "--out", str(tmp_path / "single")]) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "GiB" in err and err.count("\n") == 1
+    assert not (tmp_path / "single").exists()

@@ -151,6 +151,34 @@ def test_readme_lists_every_train_flag():
         assert re.search(re.escape(flag_name(f.name)) + r"[ /`\n]", section), f.name
 
 
+def test_kind_flags_build_that_model_and_a_resume_keeps_them(capsys, tmp_path):
+    """--attention/--position/--norm/--mlp/--tie-embeddings/--kv-lora-rank change one part of a preset."""
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--preset", "kv_cache", "--norm", "rmsnorm", "--mlp", "swiglu", "--position",
+                 "rope", "--no-tie-embeddings", "--out", str(run)]) == 0
+    model = json.loads((run / "last" / "config.json").read_text())["model"]
+    assert (model["norm"], model["mlp"], model["position"], model["tie_embeddings"]) == ("rmsnorm", "swiglu",
+                                                                                         "rope", False)
+    runtime = json.loads((run / "last" / "config.json").read_text())["runtime"]
+    assert model["attention"] == "mha" and (runtime["attention"], runtime["cache"]) == ("sdpa", "dense")  # the preset's
+    one_error_line(capsys, ["train", *TINY, "--out", run, "--resume", "--max-iters", "4", "--norm", "layernorm"],
+                   "--norm layernorm differs from the run's rmsnorm")
+    mla = tmp_path / "mla"
+    assert main(["train", *TINY, "--preset", "kv_cache", "--attention", "mla", "--kv-lora-rank", "8",
+                 "--out", str(mla)]) == 0
+    model = json.loads((mla / "last" / "config.json").read_text())["model"]
+    assert model["attention"] == "mla" and model["kv_lora_rank"] == 8
+
+
+@pytest.mark.parametrize("argv, words", [(["--norm", "batchnorm"], ["unknown norm 'batchnorm'", "rmsnorm"]),
+                                         (["--attention", "linear"], ["unknown attention", "mla"]),
+                                         (["--kv-lora-rank", "8"], ["kv_lora_rank", "mla"]),
+                                         (["--tie-embeddings", "no"], ["unrecognized arguments: no"])])
+def test_bad_kinds_are_one_line(capsys, tmp_path, argv, words):
+    one_error_line(capsys, ["train", *TINY, "--out", tmp_path / "r", *argv], *words)
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("field, value", [("lr", float("inf")), ("weight_decay", float("inf")),
                                           ("min_lr", float("nan")), ("seed", 2**64)])
 def test_python_callers_get_the_same_range_checks(tmp_path, field, value):

@@ -1,188 +1,201 @@
-"""A comparison's report: DIR/results.json (a list, one object per preset), DIR/report.md (one
-table, a row per preset, from exactly those numbers) and three PNG plots. Only formats what the
-workers measured; measures nothing itself."""
+"""DIR/report.md and the plots, from a results.json document only (llmlab.compare.results): the
+claims table, the ladder (each rung against its parent), speeds, the attention kinds on one base,
+and the controlled pairs of rungs that change several things at once. Measures nothing itself;
+docs/make_ladder.py renders the same tables into docs/ladder.md."""
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
 from pathlib import Path
 from typing import Any, Optional
 
-from llmlab.compare.runner import WARMUP_STEPS
+from llmlab.compare import claims as claims_mod
+from llmlab.compare.results import (attention_label, by_name, change_groups, config_diff, decode_speed, describe,
+                                    ok, train_speed, val)
+from llmlab.compare.stats import compare_means
+from llmlab.fsutil import atomic_write_bytes, atomic_write_json
 
-PLOTS = {"val_loss": "val_loss.png", "decode": "decode.png", "cache": "cache_bytes.png"}
-
-
-def machine() -> str:
-    """One line: CPU model and cores (or the GPU), OS, Python and torch versions."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}; {platform.system()} {platform.release()}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+PLOTS = {"frontier": "frontier.png", "val_loss": "val_loss.png", "decode": "decode.png", "cache": "cache_bytes.png"}
 
 
 def _num(x: Optional[float], digits: int = 0) -> str:
     return "n/a" if x is None else f"{x:,.{digits}f}"
 
 
-def columns(contexts: list[int], compile: bool) -> list[str]:
-    cols = ["preset", "status", "params", "params vs first", "val loss (last eval)", "val loss (whole val split)",
-            "train tokens/s", "peak memory (MiB)", "decode path"]
-    cols += [f"decode tokens/s @ {c}" for c in contexts]
-    if compile:
-        cols += [f"compiled decode tokens/s @ {c}" for c in contexts]
-    return cols + ["cache bytes/token"]
-
-
-def row(r: dict[str, Any], contexts: list[int], compile: bool) -> list[str]:
-    """The table's cells of one result: the JSON's own numbers, formatted (never recomputed)."""
-    if r["status"] != "ok":
-        reason = r.get("error", "").replace("|", "/")
-        return [r["preset"], f"failed: {reason}"] + ["-"] * (len(columns(contexts, compile)) - 2)
-    by_ctx = {d["context"]: d for d in r["decode"]}
-    cells = [r["preset"], "ok" + (" (reused)" if r.get("reused") else ""), _num(r["params"]),
-             f"{r['params_vs_first']:.3f}x", _num(r["val_loss"], 4), _num(r["val_loss_whole"], 4),
-             _num(r["train_tokens_per_s"]), _num(r["peak_mem_mib"], 1), r["decode_path"]]
-    cells += [_num(by_ctx[c]["tokens_per_s"]) for c in contexts]
-    if compile:
-        cells += [_num(by_ctx[c]["compiled_tokens_per_s"]) for c in contexts]
-    return cells + [_num(r["cache_bytes_per_token"])]
-
-
-def markdown_table(results: list[dict[str, Any]], contexts: list[int], compile: bool) -> str:
-    cols = columns(contexts, compile)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
-    lines += ["| " + " | ".join(row(r, contexts, compile)) + " |" for r in results]
+def _table(header: list[str], rows: list[list[str]], left: int = 2) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < left else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def _add_relative_params(results: list[dict[str, Any]]) -> None:
-    ok = [r for r in results if r["status"] == "ok"]
-    for r in ok:
-        r["params_vs_first"] = round(r["params"] / ok[0]["params"], 3)
+def versus_parent(doc: dict, e: dict) -> str:
+    parent = by_name(doc).get(e.get("parent") or "")
+    if parent is None:
+        return "–" if not e.get("parent_label") else f"({e['parent_label']} not compared)"
+    return compare_means(val(e), val(parent))[2]
 
 
-def write_report(out: Path, results: list[dict[str, Any]], s, wall_s: float) -> dict[str, Path]:
-    from llmlab.checkpoint import write_json_atomically
+def ladder_table(doc: dict) -> str:
+    header = ["preset", "changes vs parent", "params", "val loss (whole split)", "Δ vs parent", "val loss (last eval)",
+              "cache bytes/token", "decode path", "peak memory (MiB)"]
+    rows = []
+    for e in doc["entries"]:
+        if e["status"] != "ok":
+            rows.append([e["name"], f"failed: {e.get('error', '')}"] + ["-"] * (len(header) - 2))
+            continue
+        changes = f"{e['parent_label']}: {describe(e['changes'])}" if e.get("parent_label") else "(first rung)"
+        rows.append([e["name"], changes, _num(e["params"]), val(e).text(), versus_parent(doc, e),
+                     val(e, "val_loss").text(), _num(e["cache_bytes_per_token"]) if e["cache_bytes_per_token"]
+                     else "no cache", e["decode_path"], _num(e["peak_mem_mib"], 1)])
+    return _table(header, rows)
 
-    _add_relative_params(results)
-    ok = [r for r in results if r["status"] == "ok"]
-    write_json_atomically(out / "results.json", results)
-    paths = {"results": out / "results.json", "report": out / "report.md"}
-    paths.update(write_plots(out, ok))
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    reused = sum(bool(r.get("reused")) for r in results)
-    measured_s = sum(r.get("wall_s", 0) for r in ok)
-    failed = [r for r in results if r["status"] != "ok"]
-    dates = sorted(r["measured_at"] for r in ok if r.get("measured_at"))
-    when = f" (presets measured {dates[0]}" + (f" to {dates[-1]})" if dates[-1] != dates[0] else ")") if dates else ""
-    data = s.data or "the built-in corpus (Python standard-library sources)"
+
+def speed_table(doc: dict) -> str:
+    ctxs = doc["settings"]["contexts"]
+    variants = ("own", "compiled") if doc["settings"]["compile"] else ("own",)
+    header = ["preset", "train tokens/s"] + [f"decode tok/s @ {c}" for c in ctxs] + \
+        ([f"compiled @ {c}" for c in ctxs] if doc["settings"]["compile"] else [])
+    rows = []
+    for e in ok(doc):
+        t = e.get("timing", {})
+        if t.get("error") and not t.get("rounds"):
+            rows.append([e["name"], f"not timed: {t['error']}"] + ["-"] * (len(header) - 2))
+            continue
+        cells = [e["name"], (train_speed(e).text() if train_speed(e) else "n/a")]
+        for variant in variants:
+            cells += [(r.text() if (r := decode_speed(e, variant, c)) else "n/a") for c in ctxs]
+        rows.append(cells)
+    return _table(header, rows, left=1)
+
+
+def attention_tables(doc: dict) -> str:
+    """One table per set of entries that differ only in attention (MHA first, then by cache)."""
+    out = []
+    ctx = max(doc["settings"]["contexts"])
+    variants = ("own", "compiled", "decompressing") if doc["settings"]["compile"] else ("own", "decompressing")
+    for mha, others in claims_mod.groups(doc):
+        block = ", ".join(f"{k} {mha['config'][k]}" for k in ("position", "norm", "mlp", "tie_embeddings", "bias"))
+        rows = []
+        for e in [mha] + sorted(others, key=lambda x: -(x["cache_bytes_per_token"] or 0)):
+            cache = e["cache_bytes_per_token"]
+            speeds = {v: decode_speed(e, v, ctx) for v in variants}
+            rows.append([e["name"], attention_label(e["config"]), _num(e["params"]), _num(cache),
+                         f"{cache / mha['cache_bytes_per_token']:.3f}" if cache else "n/a", val(e).text(),
+                         "–" if e is mha else compare_means(val(e), val(mha))[2]]
+                        + [s.text() if s else "n/a" for s in speeds.values()])
+        out.append(f"On one base ({block}; everything else equal):\n\n" + _table(
+            ["entry", "attention", "params", "cache bytes/token", "cache vs MHA", "val loss (whole split)", "Δ vs MHA",
+             f"decode tok/s @ {ctx}"] + [f"{v} @ {ctx}" for v in variants[1:]], rows))
+    return "\n\n".join(out) if out else "No two entries differ only in attention."
+
+
+def controlled_pairs(doc: dict) -> str:
+    """For each entry that changes several things against its parent: entries of this comparison
+    that split the change, each pair differing in one thing only."""
+    lines = []
+    named = by_name(doc)
+    for e in ok(doc):
+        groups = e.get("change_groups", [])
+        if len(groups) < 2:
+            continue
+        head = f"- **{e['name']}** changes {len(groups)} things against {e['parent_label']} ({', '.join(groups)})"
+        found = []
+        parent = named.get(e.get("parent") or "")
+        for x in ok(doc):
+            if x is e or parent is None or x is parent:
+                continue
+            diff = config_diff(x["config"], e["config"])
+            g = change_groups(diff)
+            rest = config_diff(parent["config"], x["config"])
+            # a clean split: parent -> x changes everything but one thing, x -> e that one thing
+            if len(g) == 1 and set(change_groups(rest)) == set(groups) - set(g):
+                found.append(f"{x['name']} → {e['name']} changes only {describe(diff)}: "
+                             f"{compare_means(val(e), val(x))[2]}; {parent['name']} → {x['name']} changes the "
+                             f"rest ({describe(rest)}): {compare_means(val(x), val(parent))[2]}")
+        lines.append(head + (": " + "; ".join(found) if found else
+                             ": no controlled pair in this comparison (add one: --presets NAME=PRESET --set NAME:KEY=VALUE)"))
+    return "\n".join(lines) if lines else "Every rung here changes one thing against its parent."
+
+
+def settings_text(doc: dict) -> str:
+    s = doc["settings"]
+    data = s["data"] or "the built-in corpus (Python standard-library sources)"
+    seeds = f"seeds {s['seed']}..{s['seed'] + s['seeds'] - 1}" if s["seeds"] > 1 else f"seed {s['seed']}"
+    return (f"Same for every run: data {data}, tokenizer {s['tokenizer']}, {seeds} (one run per preset and seed), "
+            f"{s['max_iters']} steps of {s['batch_size']} x {s['block_size']} tokens (lr {s['lr']}, warmup and cosine "
+            f"as `llmlab train`), evals every {s['eval_interval']} steps over {s['eval_iters']} batches; n_layer "
+            f"{s['n_layer']}, n_head {s['n_head']}, n_embd {s['n_embd']}; per-preset settings: "
+            f"{', '.join(s['set']) if s['set'] else 'none'}.")
+
+
+def timing_text(doc: dict) -> str:
+    s = doc["settings"]
+    return (f"Speeds: {s['rounds']} rounds, round-robin over one process per preset (the order of turns is in "
+            f"results.json), after an untimed warm-up round; each cell is the median with the min–max over the "
+            f"rounds. Decode: batch 1, {s['decode_steps']} greedy tokens after a context of C tokens "
+            "(a recomputing rung: 1), on random weights of the rung's architecture (speed does not depend on "
+            "their values; learned positions get a table as long as the longest context).")
+
+
+def render(doc: dict, plots: list[str]) -> str:
+    threads = doc["settings"]["threads"] or "torch's default"
+    entries = ok(doc)
+    device = entries[0]["device"] if entries else doc["settings"]["device"]
     text = f"""# llmlab compare
 
-- Date: {date}{when}. Machine: {machine()}; device {ok[0]['device'] if ok else s.device}; torch threads per preset: {s.threads or "torch's default"}.
-- Time: the presets' processes (training and measuring) took {measured_s:.0f} s together; this invocation
-  ran {len(results) - reused} preset(s) and reused {reused} finished earlier, in {wall_s:.0f} s.
-- Same for every preset: data {data}, tokenizer {s.tokenizer}, seed {s.seed}, {s.max_iters} steps of
-  {s.batch_size} x {s.block_size} tokens (lr {s.lr}, warmup and cosine as `llmlab train`), evals every
-  {s.eval_interval} steps over {s.eval_iters} batches; sizes n_layer {s.n_layer}, n_head {s.n_head}, n_embd {s.n_embd}.
-  Per-preset overrides: {json.dumps(s.overrides) if s.overrides else 'none'}.
-- Parameter counts: the sizes are equal, so counts differ only where a rung's parts do (fewer key/value
-  heads, latent projections, SwiGLU and an untied head, no position table); "params vs first" is each
-  count over {ok[0]['preset'] if ok else 'the first preset'}'s.
+- Date: {doc['date']}. Machine: {doc['machine']}; device {device}; torch threads per process: {threads}.
+- Time: {doc['wall_s']:.0f} s for this invocation ({sum(1 for e in doc['entries'] for r in e['runs'] if r.get('reused'))} run(s) reused).
+- {settings_text(doc)}
+- {timing_text(doc)}
 
-{markdown_table(results, s.contexts, s.compile)}
+## Claims
 
-Columns: **val loss (last eval)**: mean cross-entropy (nats/token) of the final weights over the eval
-batches `llmlab train` logs; **whole val split**: the same evaluation (`llmlab.training.evaluate.mean_loss`)
-over every consecutive {s.block_size}-token window of the validation split{f' (its first {s.val_tokens:,} tokens)' if s.val_tokens else ''}. **train tokens/s**: median
-over the training steps (first {WARMUP_STEPS} left out). **peak memory**: on a CPU the peak resident memory of the
-preset's process after training (Python and torch included), on CUDA
-`torch.cuda.max_memory_allocated`. **decode tokens/s @ C**: batch-1 greedy decoding of
-{s.decode_steps} tokens after a context of C tokens through `llmlab.stream`, on the rung's own path
-(*recompute*: the whole window every token, as nanoGPT; *cache*: its KV/latent cache; *paged kernel*:
-flash_mla's paged latent cache and decode kernel), median of {s.repeats} after a warm-up round.
-**compiled**: the same with the compiled one-token step (n/a: the rung recomputes, or decodes through its
-own kernel). **cache bytes/token**: measured from a fresh cache's buffers (n/a: no cache).
-Timings come from a {'shared, noisy ' if (os.cpu_count() or 0) <= 4 else ''}machine: compare rows of one
-report, not across reports.
+Each rung's claim, checked against results.json: ✓ holds, ✗ does not (its numbers stay here, with
+a sentence on why it can fail), – not measured in this comparison. A difference inside the noise
+is never a win (val loss: mean ± standard deviation over seeds, noise = 2 standard errors of the
+difference; speed: ranges over the rounds that overlap).
+
+{claims_mod.markdown(claims_mod.evaluate(doc))}
+
+## The ladder: each rung against its parent
+
+{ladder_table(doc)}
+
+Rungs that change several things at once, split into controlled pairs:
+
+{controlled_pairs(doc)}
+
+## Attention kinds, everything else equal
+
+{attention_tables(doc)}
+
+## Speed
+
+{speed_table(doc)}
+
+Columns: **val loss**: mean cross-entropy (nats/token) of the final weights, mean ± standard
+deviation over the seeds; whole split: every consecutive block of the validation split
+(`llmlab.training.evaluate.mean_loss`, the same windows for every run: what the claims and the Δ
+columns use); last eval: the sampled eval batches `llmlab train` logs. **Δ vs parent / MHA**:
+difference of the whole-split means, "within noise" when inside 2 standard errors. **train tokens/s**:
+the training step of `train()` on batch x block tokens. **decode tok/s @ C**: the rung's own path
+(recompute, cache or paged kernel), eager; **compiled**: the cached one-token step through
+torch.compile; **decompressing**: MLA expanding every cached latent each step instead of absorbing
+the weights. **cache bytes/token**: measured from a fresh cache's buffers, all layers. **peak
+memory**: the training process's peak resident memory (CPU) or `torch.cuda.max_memory_allocated`.
 """
+    failed = [e for e in doc["entries"] if e["status"] != "ok"]
     if failed:
-        text += "\nFailed: " + "; ".join(f"{r['preset']} ({r.get('error', '')})" for r in failed) + "\n"
-    text += "".join(f"\n![{k}]({name})\n" for k, name in PLOTS.items() if (out / name).exists())
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "report.md")
-    return paths
+        text += "\nFailed: " + "; ".join(f"{e['name']} ({e.get('error', '')})" for e in failed) + "\n"
+    text += "".join(f"\n![{Path(p).stem}]({p})\n" for p in plots)
+    return text
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def write_report(out: Path, doc: dict[str, Any]) -> dict[str, Path]:
+    """results.json, the plots and report.md (in that order: the report names the plots written)."""
+    from llmlab.compare.plots import write_plots
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")  # written whole, then renamed into place
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def write_plots(out: Path, ok: list[dict[str, Any]]) -> dict[str, Path]:
-    """Val loss vs step (every preset on one chart), decode tokens/s vs context, cache bytes/token."""
-    if not ok:
-        return {}
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    paths = {}
-    def style(i: int) -> dict:  # ten colours, then the same colours dash-dotted: 11+ presets stay apart
-        return {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "-."}
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for i, r in enumerate(ok):
-        if r["val_curve"]:
-            steps, losses = zip(*r["val_curve"])
-            ax.plot(steps, losses, marker="o", ms=3, label=r["preset"], **style(i))
-    ax.set(xlabel="step", ylabel="val loss (nats/token)", title="validation loss vs step (same data, seed, steps)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-    paths["val_loss"] = _save(fig, out / PLOTS["val_loss"])
-
-    fig, ax = plt.subplots(figsize=(10, 5.5))
-    for i, r in enumerate(ok):
-        ctx = [d["context"] for d in r["decode"]]
-        ax.plot(ctx, [d["tokens_per_s"] for d in r["decode"]], marker="o", label=f"{r['preset']} ({r['decode_path']})",
-                **style(i))
-        comp = [d["compiled_tokens_per_s"] for d in r["decode"]]
-        if all(c is not None for c in comp):
-            ax.plot(ctx, comp, marker="s", color=f"C{i % 10}", linestyle=":", label=f"{r['preset']} (compiled)")
-    ax.set(xlabel="context length (tokens)", ylabel="decode tokens/s (batch 1)", title="decode speed vs context")
-    ax.set_yscale("log")
-    ax.set_xticks(sorted({d["context"] for r in ok for d in r["decode"]}))
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    paths["decode"] = _save(fig, out / PLOTS["decode"])
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    names = [r["preset"] for r in ok]
-    values = [r["cache_bytes_per_token"] or 0 for r in ok]
-    bars = ax.bar(names, values, color=["#bbb" if r["cache_bytes_per_token"] is None else "C0" for r in ok])
-    for b, r in zip(bars, ok):
-        label = "no cache" if r["cache_bytes_per_token"] is None else f"{r['cache_bytes_per_token']:,}"
-        ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
-    ax.set(ylabel="bytes per token (all layers)", title="cache bytes per token")
-    ax.tick_params(axis="x", rotation=30)
-    paths["cache"] = _save(fig, out / PLOTS["cache"])
+    atomic_write_json(out / "results.json", doc)
+    paths = {"results": out / "results.json", "report": out / "report.md"}
+    plots = write_plots(out, doc, PLOTS)
+    paths.update(plots)
+    atomic_write_bytes(out / "report.md", render(doc, [p.name for p in plots.values()]).encode("utf-8"))
     return paths

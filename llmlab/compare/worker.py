@@ -1,12 +1,17 @@
-"""One preset of a comparison, in a process of its own: train it through llmlab's train() into its
-run directory, then measure it, and write the numbers to RUN_DIR/compare.json.
+"""One run of a comparison (a preset, or a named configuration of one, at one seed), in a process
+of its own: train it through llmlab's train() into its run directory, then measure what does not
+depend on timing, and write the numbers to RUN_DIR/compare.json.
 
     python -m llmlab.compare.worker SPEC.json
 
-A process per preset keeps presets from touching each other (thread pools, compiled graphs,
-allocator state) and makes its peak memory its own: on a CPU the process's peak resident set
-(ru_maxrss), on CUDA torch.cuda.max_memory_allocated. Whatever goes wrong, the result file says so
-in one line ({"status": "failed", "error": ...}) and the process exits 1; the parent goes on.
+Measured here: val loss (last eval, and over the whole validation split), the parameter count,
+the cache's bytes per token, the process's peak memory (on a CPU its peak resident set, on CUDA
+torch.cuda.max_memory_allocated), and the greedy tokens of a fixed prompt on the rung's own decode
+path. Speeds are not: they are timed after every run has finished, round-robin across the presets'
+processes (llmlab.compare.timing), so background load hits every preset alike.
+
+Whatever goes wrong, the result file says so in one line ({"status": "failed", "error": ...}) and
+the process exits 1; the parent goes on. The process dies with the comparison (proc.die_with_parent).
 """
 from __future__ import annotations
 
@@ -18,7 +23,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from llmlab.compare.runner import RESULT, WARMUP_STEPS
+from llmlab.compare.proc import die_with_parent
+from llmlab.compare.settings import RESULT
+
+WARMUP_STEPS = 5  # train steps whose logged tokens/s are left out of the median (allocation, first calls)
+GREEDY_PROMPT, GREEDY_TOKENS = 16, 32  # the fixed prompt (start of the val split) and tokens generated from it
 
 
 def one_line(e: BaseException) -> str:
@@ -41,7 +50,7 @@ def peak_memory_mib(device: str) -> float:
 
 
 def read_curve(run_dir: Path) -> tuple[list[list[float]], float]:
-    """([[step, val_loss], ...] from the run's eval lines, median train tokens/s past the warm-up)."""
+    """([[step, val_loss], ...] from the run's eval lines, median logged train tokens/s past the warm-up)."""
     from llmlab.plot import read_metrics
 
     recs = read_metrics(run_dir)
@@ -51,9 +60,9 @@ def read_curve(run_dir: Path) -> tuple[list[list[float]], float]:
     return curve, statistics.median(speeds) if speeds else float("nan")
 
 
-def whole_val_loss(model, run_dir: Path, data, device: str, max_tokens) -> tuple[float, int]:
-    """mean_loss (the one evaluation) over every consecutive block of the validation split (or
-    its first max_tokens)."""
+def whole_val(model, run_dir: Path, data, device: str, max_tokens):
+    """(mean_loss over every consecutive block of the validation split (or its first max_tokens),
+    tokens evaluated, the split's ids)."""
     from llmlab.data import encode_corpus, load_text, split_ids
     from llmlab.tokenizer import load_tokenizer
     from llmlab.training.evaluate import consecutive_windows, mean_loss
@@ -61,28 +70,16 @@ def whole_val_loss(model, run_dir: Path, data, device: str, max_tokens) -> tuple
     _, text = load_text(data)
     _, val = split_ids(encode_corpus(text, load_tokenizer(run_dir / "last")))
     n, batches = consecutive_windows(val, model.config.block_size, max_tokens, device=device)
-    return mean_loss(model, batches, device), n
-
-
-def decode_variants(model, steps: int, compile: bool) -> tuple[str, dict[str, tuple[dict, int]]]:
-    """(the rung's own decode path, variants for bench.measure_contexts). Each rung decodes as it
-    ships (stream()'s default: basic/flash recompute, later rungs cache); the compiled step
-    applies only to a cache torch.compile can fuse (a paged cache decodes through its own kernel)."""
-    rt = model.runtime
-    path = {"none": "recompute", "dense": "cache", "paged": "paged cache"}[rt.cache]
-    if rt.attention == "flash_mla":
-        path = "paged kernel"
-    variants = {"decode": ({}, steps)}
-    if compile and rt.uses_cache:
-        variants["compiled"] = ({"compile": True}, steps)
-    return path, variants
+    return mean_loss(model, batches, device), n, val
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from llmlab.bench import cache_bytes_entry, measure_contexts
+    from llmlab.bench import cache_bytes_entry
     from llmlab.checkpoint import load
+    from llmlab.compare.runtime import NONE, cache_kind, decode_path, recorded_config
+    from llmlab.generation import generate
     from llmlab.training import TrainArgs, train
     from llmlab.training.device import pick_device
 
@@ -97,49 +94,49 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     device = pick_device(args.device)
     train(args)
     train_s = time.perf_counter() - t0
-    peak = peak_memory_mib(device)  # training's peak: measured before decoding adds its own buffers
-    curve, train_tps = read_curve(run_dir)
+    peak = peak_memory_mib(device)  # training's peak, before evaluation adds its own buffers
+    curve, logged_tps = read_curve(run_dir)
     model = load(run_dir / "last", device=device)  # the final weights, which the last eval measured
-    full_val, val_tokens = whole_val_loss(model, run_dir, args.data, device, m["val_tokens"])
-    path, variants = decode_variants(model, m["decode_steps"], m["compile"])
+    full_val, val_tokens, val_ids = whole_val(model, run_dir, args.data, device, m["val_tokens"])
+    kind = cache_kind(model)
     with torch.inference_mode():
         model.eval()
-        ctx = measure_contexts(model, m["contexts"], m["repeats"], variants, spec["seed"])
-        cache = cache_bytes_entry(spec["preset"], model, model.config.block_size) if model.runtime.uses_cache else None
+        prompt = torch.tensor([[int(i) for i in val_ids[:GREEDY_PROMPT]]], device=device)
+        greedy = generate(model, prompt, GREEDY_TOKENS, temperature=0)[0, GREEDY_PROMPT:].tolist()
+        cache = cache_bytes_entry(spec["entry"], model, model.config.block_size) if kind != NONE else None
     return {
-        "preset": spec["preset"], "status": "ok", "settings": spec["settings"],
-        "params": model.num_params(), "val_loss": curve[-1][1] if curve else None,
-        "val_loss_whole": round(full_val, 4), "val_tokens": int(val_tokens),
-        "train_tokens_per_s": round(train_tps), "peak_mem_mib": round(peak, 1), "decode_path": path,
-        "decode": [{"context": r["context"], "prefill_tokens_per_s": round(r["prefill_tokens_per_s"]),
-                    "tokens_per_s": round(r["decode_tokens_per_s"]["decode"]),
-                    "compiled_tokens_per_s": (round(r["decode_tokens_per_s"]["compiled"])
-                                              if "compiled" in r["decode_tokens_per_s"] else None)}
-                   for r in ctx],
+        "entry": spec["entry"], "preset": spec["preset"], "seed": spec["seed"], "status": "ok",
+        "settings": spec["settings"], "config": recorded_config(model), "params": model.num_params(),
+        "val_loss": curve[-1][1] if curve else None, "val_loss_whole": round(full_val, 4),
+        "val_tokens": int(val_tokens), "val_curve": curve, "peak_mem_mib": round(peak, 1),
+        "cache_kind": kind, "decode_path": decode_path(model), "greedy_tokens": greedy,
         "cache_bytes_per_token": cache["measured"] if cache else None,
         "cache_formula": f"n_layer * ({cache['formula_text']}) * {cache['dtype'].replace('torch.', '')}"
                          if cache else None,
-        "val_curve": curve, "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - t0, 1),
-        "device": device, "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        # logged while training, possibly beside other runs (--jobs): the report times speed apart
+        "train_tokens_per_s_logged": round(logged_tps), "train_s": round(train_s, 1),
+        "wall_s": round(time.perf_counter() - t0, 1), "device": device,
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
 
 def main(argv: list[str]) -> int:
-    from llmlab.checkpoint import write_json_atomically
+    die_with_parent()  # before anything slow: a killed comparison takes this run with it
+    from llmlab.fsutil import atomic_write_json
 
     spec = json.loads(Path(argv[0]).read_text())
     out = Path(spec["run_dir"]) / RESULT
     try:
         result = measure(spec)
         code = 0
-    except BaseException as e:  # noqa: BLE001 - every failure becomes the preset's one-line reason
+    except BaseException as e:  # noqa: BLE001 - every failure becomes the run's one-line reason
         if isinstance(e, KeyboardInterrupt):
             raise
-        traceback.print_exc()  # the whole story goes to the preset's log; the report gets one line
-        result = {"preset": spec["preset"], "status": "failed", "settings": spec["settings"], "error": one_line(e)}
+        traceback.print_exc()  # the whole story goes to the run's log; the report gets one line
+        result = {"entry": spec["entry"], "preset": spec["preset"], "seed": spec["seed"], "status": "failed",
+                  "settings": spec["settings"], "error": one_line(e)}
         code = 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(out, result)
+    atomic_write_json(out, result)
     return code
 
 

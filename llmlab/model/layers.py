@@ -15,6 +15,21 @@ register("norm", "rmsnorm")(lambda config: nn.RMSNorm(config.n_embd, eps=config.
 register("norm", "layernorm")(lambda config: nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias))
 
 
+def linear_weight(linear: nn.Module) -> torch.Tensor:
+    """The matrix a linear layer applies, for code that reads it instead of calling the layer (MLA's
+    absorbed decode). A layer wrapped with LoRA adapters (llmlab.lora, peft's layers: the weight in
+    `base_layer`) applies its base weight plus each active, unmerged adapter's delta (alpha/r)·B·A."""
+    base = getattr(linear, "base_layer", None)
+    if base is None:
+        return linear.weight
+    w = base.weight
+    if not linear.disable_adapters:
+        for name in linear.active_adapters:
+            if name in linear.lora_A and name not in linear.merged_adapters:
+                w = w + linear.get_delta_weight(name)
+    return w
+
+
 def build_norm(config: ModelConfig) -> nn.Module:
     return lookup("norm", config.norm)(config)
 

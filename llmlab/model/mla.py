@@ -26,8 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.config import ModelConfig
+from llmlab.model import yarn
 from llmlab.model.attention import AttentionImpl, sdpa_attention
 from llmlab.model.cache import CachedTensor, CacheStep
+from llmlab.model.layers import linear_weight
 from llmlab.model.positions import Rotary, apply_rope
 from llmlab.registry import register
 
@@ -57,7 +59,10 @@ class MultiHeadLatentAttention(nn.Module):
         self.n_head, self.d_c, self.d_r = h, config.latent_dim, config.rope_head_dim
         self.d_nope, self.d_v = config.nope_head_dim, config.value_head_dim
         q_dim = self.d_nope + self.d_r
-        self.scale = 1.0 / math.sqrt(q_dim)
+        # YaRN checkpoints scale the scores further; the dense implementations scale by 1/√q_dim
+        # themselves, so the decompressed path folds the extra factor into the query
+        self.score_factor = yarn.softmax_factor(config)
+        self.scale = self.score_factor / math.sqrt(q_dim)
         self.q_lora = bool(config.q_lora_rank)
         if self.q_lora:  # queries through their own latent: W_UQ RMSNorm(W_DQ x)
             self.q_down = nn.Linear(c, config.q_lora_rank, bias=config.has_qkv_bias)
@@ -124,11 +129,13 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_pe = kv.split([self.d_c, self.d_r], dim=-1)
         k_nope, v = self.kv_up(c_kv).view(b, s, self.n_head, -1).transpose(1, 2).split([self.d_nope, self.d_v], -1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(b, self.n_head, s, self.d_r)], dim=-1)
-        return self.attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, dropout_p)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return self.attend(q * self.score_factor if self.score_factor != 1.0 else q, k, v, mask, dropout_p)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK (H, d_nope, d_c), W_UV (H, d_v, d_c)): views of kv_up, nothing copied."""
-        w = self.kv_up.weight.view(self.n_head, self.d_nope + self.d_v, self.d_c)
+        """(W_UK (H, d_nope, d_c), W_UV (H, d_v, d_c)): views of kv_up, nothing copied (with a LoRA
+        adapter on kv_up: of its base weight plus the adapter's delta)."""
+        w = linear_weight(self.kv_up).view(self.n_head, self.d_nope + self.d_v, self.d_c)
         return w[:, : self.d_nope], w[:, self.d_nope:]
 
     def absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:

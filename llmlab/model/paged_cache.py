@@ -138,7 +138,7 @@ class PagedCache:
         host = torch.tensor(block + offset + pos + pads + lengths + table, dtype=torch.long)
         if self.device is not None and torch.device(self.device).type == "cuda":
             host = host.pin_memory()
-        dev = host.to(self.device, non_blocking=True)  # the one host-to-device copy of the step
+        dev = host if self.device is None else host.to(self.device, non_blocking=True)  # the step's one copy
         b, n = len(rows), len(rows) * t
         parts = dev.split([n, n, n, b, b, b * width])
         table = parts[5].view(b, width).int()

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from llmlab.config import ModelConfig
+from llmlab.model import yarn
 from llmlab.registry import lookup, register
 
 Rotary = Optional[tuple[torch.Tensor, torch.Tensor]]  # (cos, sin), each (T, hd) or (B, 1, T, hd)
@@ -74,21 +75,42 @@ def sinusoidal_table(n: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
+# The std of Transformer._init_weights' token embeddings (GPT-2's N(0, 0.02)); the learned table
+# starts at the same scale. The sinusoidal table is scaled to it (see SinusoidalPositions).
+EMBED_INIT_STD = 0.02
+
+
 @register("position", "sinusoidal")
 class SinusoidalPositions(NoPositions):
-    """Fixed sinusoids, no parameters, any length (the table grows on demand, never saved)."""
+    """Fixed sinusoids, no parameters, any length (the table grows on demand, never saved).
+
+    Scale: the table is `sinusoidal_table · EMBED_INIT_STD · √2`. A row of sinusoids has RMS
+    1/√2 (each sin/cos pair's squares sum to 1), while token embeddings start at std 0.02: added
+    as is, position would outweigh token identity ~35x at init and the model first has to learn
+    embeddings 35x larger (measured: 0.64 nats worse than a learned table after 300 steps). Vaswani
+    et al. (§3.4) balance the two by multiplying the embeddings by √d_model instead; that would
+    change the token embedding and the head tied to it, which every other rung shares, so here the
+    fixed table is brought to the embeddings' scale: its RMS equals the std of the token
+    embeddings and of the learned table at init, and this rung differs from kv_cache only in what
+    the position vectors are (fixed sinusoids instead of learned noise), not in their size. Still a
+    parameter-free fixed table: the scale is a constant, not a weight."""
+
+    scale = EMBED_INIT_STD * math.sqrt(2.0)  # RMS of the scaled table = EMBED_INIT_STD
 
     def __init__(self, config: ModelConfig, rotary_dim: int = 0):
         super().__init__()
         self.dim = config.n_embd
-        self.register_buffer("table", sinusoidal_table(config.block_size, self.dim), persistent=False)
+        self.register_buffer("table", self._table(config.block_size), persistent=False)
+
+    def _table(self, n: int) -> torch.Tensor:
+        return sinusoidal_table(n, self.dim) * self.scale
 
     def reset_parameters(self) -> None:  # Transformer.init_weights: the table after to_empty()
-        self.table = sinusoidal_table(self.table.shape[0], self.dim).to(self.table.device)
+        self.table = self._table(self.table.shape[0]).to(self.table.device)
 
     def ensure_length(self, n: int) -> None:
         if n > self.table.shape[0]:
-            self.table = sinusoidal_table(n, self.dim).to(self.table.device)
+            self.table = self._table(n).to(self.table.device)
 
     def tables(self, n: int) -> tuple:
         return (self.table[:n],)
@@ -98,13 +120,18 @@ class SinusoidalPositions(NoPositions):
         return x + table[pos].to(x.dtype)
 
 
-def rope_tables(n: int, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoFormer angles p * theta^(-2i/d) for i < d/2, repeated for the half-split layout:
-    channel j and j + d/2 form one rotating pair (the layout of Llama checkpoints in transformers)."""
+def rope_tables(n: int, dim: int, theta: float = 10000.0, config: Optional[ModelConfig] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoFormer angles p * theta^(-2i/d) for i < d/2 (YaRN's blend where `config` asks for it,
+    llmlab.model.yarn), repeated for the half-split layout: channel j and j + d/2 form one rotating
+    pair (the layout of Llama checkpoints in transformers). YaRN's attention factor multiplies cos and sin."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    factor = 1.0
+    if config is not None and config.rope_scaling == "yarn":
+        inv_freq, factor = yarn.inv_freq(inv_freq, config), yarn.attention_factor(config)
     angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (n, d/2)
     angles = torch.cat([angles, angles], dim=-1)  # (n, d)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * factor).float(), (angles.sin() * factor).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -123,18 +150,18 @@ class RotaryPositions(NoPositions):
 
     def __init__(self, config: ModelConfig, rotary_dim: int):
         super().__init__()
-        self.dim, self.theta = rotary_dim, config.rope_theta
-        cos, sin = rope_tables(config.block_size, self.dim, self.theta)
+        self.dim, self.config = rotary_dim, config
+        cos, sin = rope_tables(config.block_size, self.dim, config.rope_theta, config)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def reset_parameters(self) -> None:  # Transformer.init_weights: the tables after to_empty()
-        cos, sin = rope_tables(self.cos.shape[0], self.dim, self.theta)
+        cos, sin = rope_tables(self.cos.shape[0], self.dim, self.config.rope_theta, self.config)
         self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
 
     def ensure_length(self, n: int) -> None:
         if n > self.cos.shape[0]:
-            cos, sin = rope_tables(n, self.dim, self.theta)
+            cos, sin = rope_tables(n, self.dim, self.config.rope_theta, self.config)
             self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
 
     def tables(self, n: int) -> tuple:

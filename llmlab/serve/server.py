@@ -68,9 +68,9 @@ def load_served(path_or_run: str, device: str = "auto", runtime: Optional[dict] 
         folder, stops = path, _hf_stop_ids(path)
     else:
         from llmlab.checkpoint import resolve_checkpoint
-        from llmlab.cli import _load_run
+        from llmlab.run_loader import load_run
 
-        model, tok = _load_run(path_or_run, device, changes)
+        model, tok = load_run(path_or_run, device, changes)
         folder, stops = resolve_checkpoint(path_or_run), set()
     if tok.eos_id is not None:
         stops.add(tok.eos_id)

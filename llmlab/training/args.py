@@ -10,7 +10,11 @@ from typing import Any, Optional
 from llmlab.errors import LlmlabError
 from llmlab.settings import check_choices
 
-MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias")
+# The ModelConfig fields a flag can set over the preset's: sizes, then the kinds of part (a name
+# registered in llmlab/registry.py; an unknown one is ModelConfig's one-line error), so one change can
+# be isolated from a rung (`--preset rope --norm rmsnorm`; `llmlab compare --set NAME:norm=rmsnorm`).
+MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias",
+               "attention", "position", "norm", "mlp", "tie_embeddings", "kv_lora_rank")
 PARALLEL = ("none", "ddp", "fsdp")
 MAX_SAMPLE_TOKENS = 100_000  # the end-of-training sample: a glance, not a book
 MAX_VOCAB = 1 << 20  # BPE training allocates per id: far past any real vocabulary (256k) is a typo
@@ -39,6 +43,14 @@ class TrainArgs:
     block_size: Optional[int] = _(None, "context length in tokens", none=_PRESET)
     dropout: Optional[float] = _(None, "dropout probability", none=_PRESET)
     bias: Optional[bool] = _(None, "biases in linear layers and norms", none=_PRESET)
+    attention: Optional[str] = _(None, "attention kind: mha (MHA, or GQA/MQA with --n-kv-head) or mla (latent)",
+                                 none=_PRESET, metavar="KIND")
+    position: Optional[str] = _(None, "position kind: learned, sinusoidal, rope or none", none=_PRESET, metavar="KIND")
+    norm: Optional[str] = _(None, "norm kind: layernorm or rmsnorm", none=_PRESET, metavar="KIND")
+    mlp: Optional[str] = _(None, "MLP kind, e.g. gelu or swiglu", none=_PRESET, metavar="KIND")
+    tie_embeddings: Optional[bool] = _(None, "output head tied to the token embedding", none=_PRESET)
+    kv_lora_rank: Optional[int] = _(None, "MLA only: latent width d_c each token's keys and values come from",
+                                    none="4 x head size")
     batch_size: int = _(16, "sequences per rank and micro-batch: global batch = batch size x grad accum x ranks")
     grad_accum: int = _(1, "micro-batches accumulated per optimizer step")
     max_iters: int = _(600, "optimizer steps to train to")
@@ -64,6 +76,16 @@ class TrainArgs:
     moe_bias_rate: float = _(0.001, "MoE: gamma, how far each expert's selection bias moves toward equal load "
                                     "every step (DeepSeek-V3 auxiliary-loss-free balancing; 0: off)")
     moe_aux_weight: float = _(0.0, "MoE: alpha, weight of the sequence-wise balance loss (0: off)")
+    # fine-tuning (llmlab.training.source, llmlab.lora)
+    init_from: Optional[str] = _(None, "start a new run from these weights: a run directory, a checkpoint folder or a "
+                                       "Hugging Face model folder (model and tokenizer come from it)",
+                                 none="fresh weights", metavar="SRC")
+    lora_rank: Optional[int] = _(None, "with --init-from: train LoRA adapters of this rank only, the weights frozen",
+                                 none="full fine-tuning")
+    lora_alpha: Optional[float] = _(None, "LoRA alpha: adapters scaled by alpha / rank", none="2 x rank")
+    lora_targets: str = _("attention", "linear layers LoRA adapts: attention, all-linear (inside the blocks: "
+                                       "attention and MLPs) or comma-separated names (e.g. attn.qkv,mlp.fc)",
+                          metavar="WHICH")
     resume: bool = _(False, "continue the run in --out from its last checkpoint")
     seed: int = _(1337, "random seed (weights, data order, dropout)")
     sample_tokens: int = _(200, "tokens of sample text printed at the end (0: none)")
@@ -112,7 +134,12 @@ class TrainArgs:
                    f"--batch-threads {self.batch_threads} cannot be combined with --parallel {self.parallel}: "
                    "use one or the other"),
                   (not self.activation_checkpointing or self.parallel != "none",
-                   "--activation-checkpointing needs --parallel ddp or fsdp")]
+                   "--activation-checkpointing needs --parallel ddp or fsdp"),
+                  (self.init_from is None or str(self.init_from).strip() != "",
+                   "--init-from is empty; pass the run, checkpoint or Hugging Face folder to start from"),
+                  (self.lora_rank is None or self.lora_rank >= 1, f"--lora-rank must be >= 1, got {self.lora_rank}"),
+                  (self.lora_alpha is None or (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)),
+                   f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")]
         for ok, msg in checks:
             if not ok:
                 raise LlmlabError(msg)

@@ -70,8 +70,8 @@ def save(out: Path, model, opt, sampler, tokenizer, train_args: dict, step: int,
     number of ranks, the sha256 of its data)."""
     state = (run_state or {}) | {"step": step, "val_loss": val_loss, "best_val_loss": min(best_val, val_loss)}
     if ranks.active:
-        meta = {"model": model.config.to_dict(), "runtime": model.runtime.to_dict(),
-                "tokenizer": getattr(tokenizer, "kind", None), "train": train_args, "state": state}
+        meta = {**ckpt.model_meta(model), "tokenizer": getattr(tokenizer, "kind", None), "train": train_args,
+                "state": state}
         dcp.save(out / "last", model, opt, _rng_and_sampler(sampler), meta, tokenizer, ranks)
         if val_loss < best_val:
             dcp.gather_to_single(out / "best", model, model.config, tokenizer, train_args, state, ranks)

@@ -73,18 +73,23 @@ def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
 
 
 def _empty_adamw_state(model) -> dict[str, torch.Tensor]:
-    """Tensors of AdamW's state's shapes (sharded like the parameters), for DCP to load into."""
+    """Tensors of AdamW's state's shapes (sharded like the parameters), for DCP to load into; the
+    optimizer holds only trainable parameters (LoRA: the adapters)."""
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in _trained(model):
         out |= {f"{name}.step": torch.zeros((), dtype=torch.float32),
                 f"{name}.exp_avg": torch.zeros_like(p), f"{name}.exp_avg_sq": torch.zeros_like(p)}
     return out
 
 
+def _trained(model):
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
 def allowed_keys(model) -> set[str]:
     """Every key llmlab writes into a sharded checkpoint of `model` (flattened as DCP stores them)."""
     keys = {f"model.{k}" for k in get_model_state_dict(model)}  # the earlier format kept a tied head's 2nd name
-    keys |= {f"optim.{name}.{k}" for name, _ in model.named_parameters() for k in ADAMW_KEYS}
+    keys |= {f"optim.{name}.{k}" for name, _ in _trained(model) for k in ADAMW_KEYS}
     return keys | {f"train.{k}" for k in TRAIN_KEYS}
 
 
@@ -124,7 +129,7 @@ def load(directory: Path, model, opt, train_tensors: dict[str, torch.Tensor], op
     if optimizer_state:
         index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
         per_param = {index[id(p)]: {k: state["optim"][f"{name}.{k}"] for k in ADAMW_KEYS}
-                     for name, p in model.named_parameters()}
+                     for name, p in _trained(model)}
         opt.load_state_dict({"state": per_param, "param_groups": opt.state_dict()["param_groups"]})
 
 
@@ -225,8 +230,7 @@ def to_single(directory: Path, out: Path) -> Path:
         raise LlmlabError(f"{directory} is not a sharded checkpoint (no {DCP_DIR}/ in it); "
                           "pass the last/ directory of a run trained with --parallel")
     meta = ckpt.read_meta(directory)
-    model = ckpt.build_model(ckpt.model_config(meta, directory), f"checkpoint {directory}")
-    model.use_runtime(ckpt.saved_runtime(meta, directory))
+    model = ckpt.model_from_meta(meta, directory)
     load_full_model(directory, model)
     tokenizer = load_tokenizer(directory) if meta.get("tokenizer") else None
     state = {k: v for k, v in meta.get("state", {}).items() if k != "optimizer"}
@@ -239,11 +243,13 @@ def gather_to_single(out: Path, model, config, tokenizer, train_args: dict, stat
     a single safetensors checkpoint (best/ of a --parallel run, so sample and eval read it)."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ranks.is_main:
-        from llmlab import checkpoint as ckpt
+        from llmlab import checkpoint as ckpt, lora
         from llmlab.model import Transformer
 
         with torch.random.fork_rng(devices=[]):  # rank 0's RNG must stay in step with the others'
             plain = Transformer(config, model.runtime)
+            if lora.adapted(model) is not None:  # a LoRA run's best/ keeps its adapters, as last/ does
+                lora.inject(plain, lora.adapted(model))
         plain.load_state_dict(full)
         ckpt.save_checkpoint(Path(out), plain, tokenizer, train_args, state)
     ranks.barrier()

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from tqdm import tqdm
 
-from llmlab import checkpoint as ckpt, memory
+from llmlab import checkpoint as ckpt, lora, memory
 from llmlab.data import BatchSampler, encode_corpus, load_text, split_ids
 from llmlab.errors import LlmlabError, one_line
 from llmlab.fsutil import check_out_path
@@ -39,8 +39,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def prepare(plan: RunPlan):
-    """Tokenizer, train/val ids, model config, runtime and the data's sha256: fresh, or the resumed run's.
-    A resumed run's data must be what it was trained on."""
+    """Tokenizer, train/val ids, model config, runtime and the data's sha256: fresh, the resumed run's,
+    or (--init-from) the source's. A resumed run's data must be what it was trained on."""
     a = plan.args
     last = plan.out / "last"
     name, text = load_text(a.data)
@@ -54,10 +54,13 @@ def prepare(plan: RunPlan):
                               "start a new run")
         tokenizer = load_tokenizer(last)
         config, runtime = ckpt.model_config(meta, last), ckpt.saved_runtime(meta, last)
+    elif plan.source is not None:
+        tokenizer, runtime = plan.source.tokenizer, plan.source.runtime
+        config = plan.source.config.replace(dropout=a.dropout)
     else:
         tokenizer = build_tokenizer(a.tokenizer, text, a.vocab_size)
     train_ids, val_ids = split_ids(encode_corpus(text, tokenizer))
-    if not plan.resume:
+    if not plan.resume and plan.source is None:
         config = preset_config(a.preset, vocab_size=tokenizer.vocab_size, **a.model_overrides())
         runtime = preset_runtime(a.preset)
     return tokenizer, train_ids, val_ids, config, runtime, digest
@@ -110,8 +113,9 @@ def _train(plan: RunPlan, ranks: parallel.Ranks, device: str) -> dict[str, Any]:
     memory.check_fits(memory.activation_bytes(config, a.batch_size), f"training on batches of {a.batch_size} x "
                       f"{config.block_size} tokens", "use a smaller --batch-size (--grad-accum keeps the "
                       "global batch)", device)
+    start = plan.source.state if plan.source is not None and not plan.resume else None
     built = parallel.build(config, a.parallel, device, ranks, a.seed, a.activation_checkpointing, a.compile,
-                           runtime)
+                           runtime, start, plan.lora)
     model = built.model
     opt = make_optimizer(model, a.weight_decay, (a.beta1, a.beta2), a.lr)
     # One sampler state for the run: each draws the step's global batch, each rank takes its rows.
@@ -132,9 +136,16 @@ def _train(plan: RunPlan, ranks: parallel.Ranks, device: str) -> dict[str, Any]:
                                      keep_until=step if plan.resume else None)
     train_args = dataclasses.asdict(a)
     run_state = {"world": ranks.world, "data_sha256": data_sha}
+    if plan.resume and "init_from" in plan.saved["state"]:  # where the run started, kept by every checkpoint
+        run_state["init_from"] = plan.saved["state"]["init_from"]
+    elif plan.source is not None and ranks.is_main:  # rank 0 writes the run's metadata
+        run_state["init_from"] = plan.source.record()
     quiet = a.quiet or not ranks.is_main
     log = (lambda *m: None) if quiet else (lambda *m: tqdm.write(" ".join(map(str, m)), file=sys.stderr))
-    log(f"llmlab: preset {a.preset}, {model.num_params() / 1e6:.2f}M params, device {device}"
+    trainable = f" ({lora.trainable_params(model):,} trainable: LoRA rank {plan.lora.rank} on " \
+                f"{len(plan.lora.modules)} layers)" if plan.lora is not None else ""
+    log(f"llmlab: {f'init from {a.init_from}' if a.init_from else f'preset {a.preset}'}, "
+        f"{model.num_params() / 1e6:.2f}M params{trainable}, device {device}"
         f"{' (bf16)' if use_bf16(device) else ''}"
         + (f", {a.parallel} on {ranks.world} ranks (global batch {rows * a.grad_accum} x {blk})" if ranks.active else "")
         + f", tokenizer {tokenizer.kind} ({tokenizer.vocab_size}), {len(train_ids):,} train tokens"

@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from llmlab import lora
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
+from llmlab.lora import LoraSettings
 from llmlab.model import Transformer
 from llmlab.runtime import Runtime
 from llmlab.training.device import use_bf16
@@ -125,29 +127,43 @@ def _checkpoint_activations(model: Transformer) -> None:
         block.forward = lambda *args, _f=inner, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
 
-def _built(config: ModelConfig) -> Transformer:
-    """The whole model in this process's memory, refused in one line if its weights, gradients and
-    AdamW's two moments (4 copies) cannot fit."""
+def _built(config: ModelConfig, seed: int, start: Optional[Callable[[], dict]] = None,
+           adapters: Optional[LoraSettings] = None, copies: int = 4) -> Transformer:
+    """The whole model in this process's memory, as one process starts it: initialised from torch's
+    RNG at `seed`, or with the weights `start()` returns (--init-from), then LoRA adapters (drawn
+    from the RNG after that). Refused in one line if `copies` of its weights (training: weights,
+    gradients and AdamW's two moments) cannot fit."""
     from llmlab.checkpoint import build_model
 
-    return build_model(config, "train", copies=4)
+    torch.manual_seed(seed)
+    model = build_model(config, "train", copies=copies)
+    if start is not None:
+        try:
+            model.load_state_dict(start())
+        except RuntimeError as e:  # a source whose weights do not fit its own config
+            raise LlmlabError(f"--init-from: the source's weights do not fit its model config "
+                              f"({str(e).splitlines()[0]}); restore it or pass another source") from None
+    return lora.inject(model, adapters) if adapters is not None else model
 
 
 def build(config: ModelConfig, parallel: str, device: str, ranks: Ranks, seed: int,
-          activation_checkpointing: bool = False, compile: bool = False, runtime: Optional[Runtime] = None) -> Parallel:
+          activation_checkpointing: bool = False, compile: bool = False, runtime: Optional[Runtime] = None,
+          start: Optional[Callable[[], dict]] = None, adapters: Optional[LoraSettings] = None) -> Parallel:
     """The model for `parallel` ('none', 'ddp' or 'fsdp'), initialised from torch's RNG at `seed`
-    so that every world size starts from the weights one process would; it runs with `runtime`
-    (the attention implementation; saved with its checkpoints as the run's default)."""
+    (or from the weights `start()` returns) so that every world size starts from the weights one
+    process would, with LoRA `adapters` if given; it runs with `runtime` (the attention
+    implementation; saved with its checkpoints as the run's default)."""
     runtime = runtime or Runtime()
-    if parallel == "none":
-        torch.manual_seed(seed)
-        return Parallel(_built(config).use_runtime(runtime).to(device), loss_fn=None)  # TrainStep compiles model.loss
-    torch.manual_seed(seed)
+    if parallel == "none":  # TrainStep compiles model.loss
+        return Parallel(_built(config, seed, start, adapters).use_runtime(runtime).to(device), loss_fn=None)
     if parallel == "ddp":
-        model = _built(config).use_runtime(runtime).to(device)
+        model = _built(config, seed, start, adapters).use_runtime(runtime).to(device)
     else:
+        torch.manual_seed(seed)
         with torch.device("meta"):  # no memory yet: the weights are allocated as shards below
             model = Transformer(config, runtime)
+        if adapters is not None:
+            lora.inject(model, adapters)
     if activation_checkpointing:
         _checkpoint_activations(model)
     if compile:  # per block, before sharding (torchtitan's order); FSDP's hooks stay outside the graphs
@@ -162,7 +178,7 @@ def build(config: ModelConfig, parallel: str, device: str, ranks: Ranks, seed: i
         ddp = DDP(_LossModule(model), device_ids=[ranks.local_rank] if device.startswith("cuda") else None)
         return Parallel(model, loss_fn=ddp, sync=lambda last: nullcontext() if last else ddp.no_sync())
     _shard(model, device, ranks)
-    _init_sharded(model, config, device, seed)
+    _init_sharded(model, config, device, seed, start, adapters)
     return Parallel(model, loss_fn=model.loss)
 
 
@@ -190,22 +206,23 @@ def reshard(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _init_sharded(model: Transformer, config: ModelConfig, device: str, seed: int) -> None:
+def _init_sharded(model: Transformer, config: ModelConfig, device: str, seed: int,
+                  start: Optional[Callable[[], dict]] = None, adapters: Optional[LoraSettings] = None) -> None:
     """Allocate this rank's shards, then initialise them after sharding with the model's own
     init_weights(). On CUDA, DTensor's random ops draw each shard's part of one stream. On CPU
     they draw every shard from the rank's own generator (torch supports sharded RNG on CUDA-like
-    devices only), which would differ from one process's weights; there, every rank builds the
-    plain model at the seed in host memory and keeps its shard of it."""
+    devices only), which would differ from one process's weights; there, and on any device when
+    starting from existing weights or with LoRA adapters (init_weights knows neither), every rank
+    builds the plain model as one process would in host memory and keeps its shard of it."""
     model.to_empty(device=device)
     torch.manual_seed(seed)
-    if device.startswith("cpu"):
+    if device.startswith("cpu") or start is not None or adapters is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="DTensor random operators")
             model.init_weights()  # the non-persistent buffers (rope tables) and the tie
-        torch.manual_seed(seed)
-        full = Transformer(config).state_dict()
+        full = _built(config, seed, start, adapters, copies=1).state_dict()
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
     else:
         model.init_weights()

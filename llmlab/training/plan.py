@@ -24,7 +24,10 @@ from llmlab.training.args import MODEL_FLAGS, TrainArgs
 from llmlab.training.schedule import LRSchedule, schedule_for
 
 # Settings that make the model and its tokens: a resumed run keeps its own, so differing ones are errors.
-FIXED_ON_RESUME = MODEL_FLAGS + ("preset", "tokenizer", "vocab_size")
+FIXED_ON_RESUME = MODEL_FLAGS + ("preset", "tokenizer", "vocab_size", "lora_rank", "lora_alpha", "lora_targets")
+# What a run started --init-from SRC takes from SRC: flags given that contradict it are errors
+# (dropout is the new run's own: it shapes no weight).
+FROM_SOURCE = tuple(k for k in MODEL_FLAGS if k != "dropout") + ("preset", "tokenizer", "vocab_size")
 BUILTIN_DATA = (None, "shakespeare")  # --data values that are not paths
 
 
@@ -38,6 +41,8 @@ class RunPlan:
     schedule: LRSchedule
     saved: dict = dataclasses.field(default_factory=dict)  # last/config.json of the run resumed
     notes: tuple[str, ...] = ()  # lines to tell the user (rank 0, unless quiet)
+    source: Optional[Any] = None  # --init-from: the checked InitSource (llmlab.training.source) of a new run
+    lora: Optional[Any] = None  # --lora-rank: the LoraSettings (llmlab.lora) the model is adapted with
 
     @property
     def global_batch(self) -> int:
@@ -83,7 +88,11 @@ def plan_run(args: TrainArgs, given: Optional[Iterable[str]] = None, world: Opti
     given = given_fields(args) if given is None else set(given)
     world = parallel.launched_ranks() if world is None else world
     args.validate()
-    out_text = args.out if args.out is not None else _default_out(args.preset, args.resume, world)
+    if args.init_from is not None and args.resume:
+        raise LlmlabError("--init-from starts a new run from existing weights and --resume continues the run in "
+                          "--out: use one or the other")
+    name = "finetune" if args.init_from is not None else args.preset
+    out_text = args.out if args.out is not None else _default_out(name, args.resume, world)
     # a file, a path under a file or an unwritable place: one line before any work (an existing run
     # directory is fine here; below decides about new runs in it)
     out = check_out_path(out_text, "--out", directory=True, allow_existing=True)
@@ -99,10 +108,22 @@ def plan_run(args: TrainArgs, given: Optional[Iterable[str]] = None, world: Opti
         notes.append(f"--resume: {out} has no checkpoint (none was written yet): starting it from step 0")
     if not resume and (last is not None or (out / "best").exists()):
         raise LlmlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    source, config = None, None
     if resume:
         saved = ckpt.read_meta(last)
         values = _merge_saved(values, saved, given, world)
         step = ckpt.saved_step(saved, last)
+        config = ckpt.model_config(saved, last)
+        if "lora_rank" in given and ckpt.lora_settings(saved, last) is None:
+            raise LlmlabError(f"{out} was trained without LoRA; a resumed run keeps its model: drop --lora-rank")
+    elif args.init_from is not None:
+        from llmlab.training.source import resolve_source
+
+        source = resolve_source(args.init_from)
+        _check_outside(out, source.path)
+        values = _from_source(values, source, given)
+        config = source.config
+    adapters = _lora(values, given, config)
     values["data"] = _data_path(values["data"])
     if values["lr_decay_iters"] is None:  # saved with the run: extending it later keeps this schedule
         values["lr_decay_iters"] = values["max_iters"]
@@ -111,7 +132,60 @@ def plan_run(args: TrainArgs, given: Optional[Iterable[str]] = None, world: Opti
     if resume and step >= merged.max_iters:
         raise LlmlabError(f"{out} finished at step {step} (--max-iters {merged.max_iters}); nothing to do: pass a "
                           f"larger --max-iters to train on")
-    return RunPlan(merged, out, resume, step, world, schedule_for(merged), saved, tuple(notes))
+    return RunPlan(merged, out, resume, step, world, schedule_for(merged), saved, tuple(notes), source, adapters)
+
+
+def _check_outside(out: Path, src: Path) -> None:
+    o, s = out.resolve(), src.resolve()
+    if o == s or s in o.parents:
+        raise LlmlabError(f"--out {out} is inside --init-from {src}; llmlab never writes into the source: choose "
+                          "another --out")
+
+
+def _from_source(values: dict, source, given: set[str]) -> dict:
+    """The settings of a run started from `source`: its model shape, tokenizer and preset (flags
+    given that contradict them are errors), the rest the new run's own."""
+    cfg, tok = source.config, source.tokenizer
+    have = {k: getattr(cfg, k) for k in MODEL_FLAGS} | {  # as the flags mean them: effective values
+        "n_kv_head": cfg.kv_heads, "kv_lora_rank": cfg.latent_dim if cfg.attention == "mla" else None,
+        "preset": source.preset, "tokenizer": tok.kind, "vocab_size": tok.vocab_size}
+    for key in FROM_SOURCE:
+        if key in given and values[key] is not None and values[key] != have[key]:
+            theirs = "has no preset" if have[key] is None else f"has {key} {have[key]}"
+            raise LlmlabError(f"--{key.replace('_', '-')} {values[key]} contradicts --init-from {source.path}, which "
+                              f"{theirs}: the model and tokenizer come from the source; drop the flag")
+    dropout = values["dropout"] if "dropout" in given and values["dropout"] is not None else cfg.dropout
+    return values | {k: getattr(cfg, k) for k in MODEL_FLAGS} | {
+        "dropout": dropout, "preset": source.preset or "custom", "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size if tok.kind == "bpe" else values["vocab_size"], "init_from": str(source.path)}
+
+
+def _lora(values: dict, given: set[str], config):
+    """The LoraSettings of --lora-rank (None without it), checked against the model; a LoRA run's
+    base stays frozen, an MoE router's balancing bias included."""
+    asked = [k for k in ("lora_alpha", "lora_targets") if k in given]
+    if values["lora_rank"] is None:
+        if asked:
+            raise LlmlabError(f"--{asked[0].replace('_', '-')} applies to LoRA: add --lora-rank R")
+        return None
+    if config is None:
+        raise LlmlabError("--lora-rank adapts existing weights: add --init-from SRC (a run, a checkpoint or a "
+                          "Hugging Face model folder)")
+    import torch
+
+    from llmlab import lora
+    from llmlab.model import Transformer
+
+    with torch.device("meta"):  # names and shapes only, nothing allocated
+        model = Transformer(config)
+    settings = lora.settings_for(model, values["lora_rank"], values["lora_alpha"], values["lora_targets"])
+    values["lora_alpha"] = settings.alpha
+    if config.mlp == "moe":
+        if "moe_bias_rate" in given and values["moe_bias_rate"] > 0:
+            raise LlmlabError("LoRA keeps the base model frozen, the MoE routers' balancing bias included: "
+                              "drop --moe-bias-rate (or fine-tune fully, without --lora-rank)")
+        values["moe_bias_rate"] = 0.0
+    return settings
 
 
 def _merge_saved(values: dict, saved: dict, given: set[str], world: int) -> dict:

@@ -49,10 +49,11 @@ class StepConfig:
 
 
 def make_optimizer(model: Transformer, weight_decay: float, betas: tuple[float, float], lr: float) -> torch.optim.AdamW:
-    """Weight decay on matrices only: not on norms, biases or the (tied) embedding tables."""
+    """AdamW over the trainable parameters (all of them; with LoRA, the adapters only: frozen ones
+    get no moments). Weight decay on matrices only: not on norms, biases or the (tied) embedding tables."""
     no_decay = {id(model.tok_emb.weight)} | {id(p) for p in model.pos.parameters()}
     decay, other = [], []
-    for p in model.parameters():
+    for p in (p for p in model.parameters() if p.requires_grad):
         (decay if p.dim() >= 2 and id(p) not in no_decay else other).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
     try:  # fused kernels where this torch has them for the device, else foreach
