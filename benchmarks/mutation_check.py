@@ -72,6 +72,7 @@ T_CACHE = ("tests/test_sampling_eval.py", "tests/test_generate.py", "tests/test_
            "-k", "not compile")
 T_MLA = ("tests/test_mla.py", "tests/test_hf_deepseek.py", "-k", "not training_steps")
 T_FLASH = ("tests/test_flash_mla.py", "tests/test_flash_mla_model.py", "-k", "not sm90 and not benchmark")
+T_PAGED = ("tests/test_cache_seam.py", "-k", "paged and not compiled")  # every cached rung read through the pool
 
 MUTATIONS: list[Mutation] = [
     # ---- attention -------------------------------------------------------------------------
@@ -149,8 +150,8 @@ MUTATIONS: list[Mutation] = [
       "allowed = (s <= q) | (s == q)", T_CACHE, "real tokens attend to left padding"),
     M("paged_store_offset", PAGED, "offset.append(p % bs if p >= 0 else 0)",
       "offset.append((p + 1) % bs if p >= 0 else 0)", T_FLASH, "paged store one row late inside its block"),
-    M("paged_gather_block_index", CACHE, "g = pool[self.table.long()]  # (B, blocks, *layout of one block)",
-      "g = pool[self.table.long() * 0]  # (B, blocks, *layout of one block)", T_FLASH,
+    M("paged_gather_block_index", CACHE, "g = pool.index_select(0, self.table.reshape(-1).long()).view(",
+      "g = pool.index_select(0, self.table.reshape(-1).long() * 0).view(", T_PAGED,
       "a paged read takes every token from the pool's first block"),
     # ---- generation ------------------------------------------------------------------------
     M("top_k_keeps_k_plus_1", GEN, "kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]",

@@ -135,6 +135,55 @@ def test_memory_guards_are_exact_for_every_preset(preset):
         assert memory.cache_bytes(config, 3, 64) == cache.bytes_per_token() * 3 * 64, kind
 
 
+def test_a_paged_pool_smaller_than_every_row_at_full_length():
+    """new_cache(num_blocks=N): N usable blocks shared by the rows (what a server admits by); a step
+    the pool cannot hold is refused whole, and a released row's blocks serve the next one, whose
+    logits still equal recomputing it alone."""
+    from llmlab.errors import LlmlabError
+
+    model = model_for("llama")
+    model.use_runtime(Runtime(cache="paged", block_size=16))
+    cache = model.new_cache(4, 64, num_blocks=5)
+    assert cache.num_free_blocks == 5
+    seq = prompts((40,), 5)[0]  # 3 blocks
+    with torch.no_grad():
+        model(torch.tensor([seq]), step=cache.step([0], [40]))
+        assert cache.num_free_blocks == 2
+        with pytest.raises(LlmlabError, match="exhausted"):
+            cache.step([1], [40])
+        assert cache.num_free_blocks == 2 and cache.lengths()[1] == 0
+        cache.release(0)
+        logits = model(torch.tensor([seq]), step=cache.step([1], [40]))[0, -1]
+    alone = model(torch.tensor([seq]))[0, -1]
+    assert (logits - alone).abs().max() <= 1e-4 * alone.abs().max()
+    with pytest.raises(LlmlabError, match="num_blocks"):
+        model.new_cache(4, 64, kind="dense", num_blocks=5)
+    with pytest.raises(LlmlabError, match="num_blocks"):
+        model.new_cache(4, 64, kind="paged", num_blocks=0)
+
+
+def test_a_paged_step_reads_only_the_blocks_its_longest_row_needs():
+    """The step's block table (what a read gathers and attention scans) is as wide as its longest
+    row needs (at least two blocks), not max_len; logits still equal recomputing."""
+    model = model_for("llama")
+    model.use_runtime(Runtime(cache="paged", block_size=16))
+    cache = model.new_cache(2, 128)  # 8 blocks a row
+    short, long = prompts((5,), 6)[0], prompts((40,), 7)[0]
+    with torch.no_grad():
+        step = cache.step([0], [5])
+        model(torch.tensor([short]), step=step)
+        assert step.table.shape == (1, 2)
+        step = cache.step([1], [40])
+        model(torch.tensor([long]), step=step)
+        assert step.table.shape == (1, 3)
+        step = cache.step([0, 1], [1, 1])
+        logits = model(torch.tensor([[7], [8]]), step=step)[:, -1]
+        assert step.table.shape == (2, 3) and step.read(0, "k").shape[2] == 48
+    for i, seq in enumerate((short + [7], long + [8])):
+        alone = model(torch.tensor([seq]))[0, -1]
+        assert (logits[i] - alone).abs().max() <= 1e-4 * alone.abs().max()
+
+
 def test_compiled_decode_past_the_position_tables_never_recompiles(monkeypatch):
     """RoPE tables start at block_size 16 and grow with each longer generation (20, 41, 83
     positions): the cache hands the compiled step its cut of them, whose length is dynamic, so

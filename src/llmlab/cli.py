@@ -70,7 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["decode"])
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help)")
     _compare_parser(sub)
+    _serve_parser(sub)
     return parser
+
+
+def _serve_parser(sub) -> None:
+    from llmlab.command_args import RuntimeArgs
+    from llmlab.serve.args import ServeArgs
+    from llmlab.settings import add_flags
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching, and a chat page at /",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("run_dir", metavar="RUN_OR_HF_DIR")
+    add_flags(p, ServeArgs)
+    add_flags(p, RuntimeArgs, skip=("cache",))  # the server always decodes from the paged cache
 
 
 def _compare_parser(sub) -> None:
@@ -137,43 +150,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: str, device: str, runtime: Optional[dict] = None):
-    """Model + tokenizer of a run for sample / eval, every way they can be unusable checked first:
-    device, config, memory, weights that are not finite, a tokenizer that does not fit the model.
-    `runtime`: changes to how the run's model runs (llmlab.runtime)."""
-    import torch
-
-    from llmlab.checkpoint import load, resolve_checkpoint
-    from llmlab.device import resolve_device
-    from llmlab.tokenizer import load_tokenizer
-    from llmlab.training.dcp import is_sharded
-
-    dev = resolve_device(device)  # before loading anything: fails fast on a device this machine lacks
-    directory = resolve_checkpoint(run_dir)
-    if is_sharded(directory):
-        raise LlmlabError(f"{directory} is a sharded (--parallel) checkpoint: `llmlab convert {directory} "
-                          "--out DIR` writes a single one to use here")
-    tok = load_tokenizer(directory)
-    model = load(directory, device=dev, runtime=runtime)
-    if tok.vocab_size > model.config.vocab_size:
-        raise LlmlabError(f"the tokenizer in {directory} has {tok.vocab_size} ids but the model only "
-                          f"{model.config.vocab_size}; they do not belong together (retrain or re-convert)")
-    with torch.no_grad():
-        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise LlmlabError(f"checkpoint {directory} has NaN/inf weights ({bad[0]}, {len(bad)} tensor(s)); "
-                          "use an earlier checkpoint (e.g. best/) or retrain")
-    return model, tok
-
-
 def cmd_sample(ns: argparse.Namespace) -> int:
     from llmlab.command_args import RuntimeArgs, SampleArgs, split
+    from llmlab.run_loader import load_run
     from llmlab.sample import stream_text
 
     a, rt = split(ns, SampleArgs, RuntimeArgs)
     if a.seed is not None and not 0 <= a.seed < 2**63:
         raise LlmlabError(f"--seed must be in [0, 2^63), got {a.seed}")
-    model, tok = _load_run(ns.run_dir, a.device, rt.changes())
+    model, tok = load_run(ns.run_dir, a.device, rt.changes())
     if a.prompt:
         tok.encode(a.prompt)  # a prompt the tokenizer cannot encode fails here, before any output
         sys.stdout.write(a.prompt)
@@ -188,10 +173,11 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from llmlab.checkpoint import read_meta, resolve_checkpoint
     from llmlab.command_args import EvalArgs, split
     from llmlab.data import encode_corpus, load_text, split_ids
+    from llmlab.run_loader import load_run
     from llmlab.training.evaluate import consecutive_windows, mean_loss
 
     (a,) = split(ns, EvalArgs)
-    model, tok = _load_run(ns.run_dir, a.device)
+    model, tok = load_run(ns.run_dir, a.device)
     meta = read_meta(resolve_checkpoint(ns.run_dir))
     data = a.data if a.data is not None else meta["train"].get("data")
     if a.data is None and data not in (None, "shakespeare") and not Path(data).exists():
@@ -281,9 +267,18 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from llmlab.command_args import RuntimeArgs, split
+    from llmlab.serve.args import ServeArgs
+    from llmlab.serve.server import serve
+
+    a, rt = split(ns, ServeArgs, RuntimeArgs)
+    return serve(ns.run_dir, a, rt.changes())
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert": cmd_convert,
             "presets": cmd_presets, "plot": cmd_plot, "bench": cmd_bench,
-            "compare": cmd_compare}
+            "compare": cmd_compare, "serve": cmd_serve}
 
 
 def _silence_stdout() -> None:

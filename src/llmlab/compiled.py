@@ -115,13 +115,21 @@ class DecodeStep:
                     torch._dynamo.mark_dynamic(tensor, dim)
 
     def __call__(self, tok: torch.Tensor, slot: int) -> torch.Tensor:
+        self.slot.fill_(slot)
+        self.cache.prepare(slot, 1, tok.shape[0])  # host bookkeeping, outside the (compiled) step
+        return self.prepared(tok)
+
+    def prepared(self, tok: torch.Tensor, same_shapes: bool = True) -> torch.Tensor:
+        """The step over the batch the cache was prepared for by the caller (a server's scheduler:
+        `PagedCache.prepare_rows(rows, counts)`, one new token per row): tok (B,) -> (B, vocab).
+        Keeping B fixed (all of the cache's rows) keeps one compiled graph; a caller whose B
+        changes says `same_shapes=False`, so the guards pick (or compile) the graph each time."""
         b = tok.shape[0]
         self.tok[:b].copy_(tok.view(-1, 1))
-        self.slot.fill_(slot)
-        self.cache.prepare(slot, 1, b)  # host bookkeeping, outside the (compiled) step
         # After the first call, whose full guard check picked (or compiled) the graph, the inputs
-        # are the same tensors: skip re-evaluating the guards (~0.2-0.3 ms a token on a small CPU model).
-        skip = self.compile and self.calls
+        # are the same tensors: skip re-evaluating the guards (~0.2-0.3 ms a token on a small CPU
+        # model). Unsafe where another graph could be needed: a new batch size.
+        skip = self.compile and self.calls and same_shapes
         stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if skip else nullcontext()
         self.calls += 1
         with stance:

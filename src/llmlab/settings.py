@@ -79,10 +79,13 @@ def comma_list(item: type):
     return parse
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of dataclass `cls`. Every field must carry a help text (a test checks)."""
+def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of dataclass `cls` (but those named in `skip`). Every field must carry a
+    help text (a test checks)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         tp, _ = base_type(hints[f.name])
         if "help" not in f.metadata:
             raise TypeError(f"{cls.__name__}.{f.name} has no help text (metadata={{'help': ...}})")

@@ -214,10 +214,28 @@ def convert_from_hf(src: Union[str, os.PathLike], out_dir: Union[str, os.PathLik
     target = out / "last"
     try:
         save_checkpoint(target, model, tokenizer=tokenizer)
+        _copy_chat_template(src, target)
     except OSError as e:
         raise LlmlabError(f"cannot write {target} ({one_line(e)}); pass a directory you can write to") from None
     return target
 
+
+def _copy_chat_template(src: Path, target: Path) -> None:
+    """The source's chat template (what `llmlab serve` renders chat prompts with), if it has one:
+    chat_template.jinja as it is, and of tokenizer_config.json only the template and the bos/eos
+    token strings it refers to."""
+    from llmlab.fsutil import atomic_write_bytes, atomic_write_json
+
+    if (src / "chat_template.jinja").is_file():
+        atomic_write_bytes(target / "chat_template.jinja", (src / "chat_template.jinja").read_bytes())
+    if (src / "tokenizer_config.json").is_file():
+        try:
+            cfg = _plain_json(src / "tokenizer_config.json")
+        except LlmlabError:
+            return  # no template to take from a broken file; the model itself converted fine
+        kept = {k: cfg[k] for k in ("chat_template", "bos_token", "eos_token") if k in cfg}
+        if "chat_template" in kept:
+            atomic_write_json(target / "tokenizer_config.json", kept)
 
 def convert_to_hf(run_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike]) -> Path:
     """llmlab run/checkpoint directory -> new HF directory, with its tokenizer (any kind) as a

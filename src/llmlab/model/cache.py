@@ -93,7 +93,9 @@ class CacheStep:
         if self.table is None:
             return pool[:b]  # dense: block b is row b
         spec = self.cache.spec[name]
-        g = pool[self.table.long()]  # (B, blocks, *layout of one block)
+        # (B, blocks, *layout of one block); index_select of the flat table: one gather kernel,
+        # several times faster on a CPU than advanced indexing with the 2-D table
+        g = pool.index_select(0, self.table.reshape(-1).long()).view(*self.table.shape, *pool.shape[1:])
         axis = 1 + spec.seq_dim  # the token axis of one block, once the blocks axis sits before it
         return g.movedim(1, axis).flatten(axis, axis + 1)
 

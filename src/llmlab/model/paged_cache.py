@@ -11,7 +11,8 @@ Bookkeeping (free list, blocks, lengths) lives on the host, so allocating never 
 Before each forward, `prepare` (slots of a left-padded batch, as generation feeds them) or
 `prepare_rows` (a batch of chosen rows with their own numbers of new tokens, as a server's
 scheduler feeds them) works out where every new token goes and copies that metadata to the device
-in one transfer (pinned on CUDA); `begin` then builds the CacheStep from those device tensors
+in one transfer (pinned on CUDA); the step's block table holds only the blocks its longest row
+needs, so reads and attention cover the span in use, not max_len; `begin` then builds the CacheStep from those device tensors
 alone, so the forward it feeds, a compiled one-token step included, never syncs with the host.
 Left padding is never stored: its tokens are written to block 0, which no row owns.
 """
@@ -132,15 +133,17 @@ class PagedCache:
                 pos.append(max(p, 0))
         pads = [t - c for c in counts]
         lengths = [self._lens[r] for r in rows]
-        table = self._table[rows].reshape(-1).tolist()
+        width = self.table_width(max(lengths, default=0))
+        table = self._table[rows, :width].reshape(-1).tolist()
         host = torch.tensor(block + offset + pos + pads + lengths + table, dtype=torch.long)
         if self.device is not None and torch.device(self.device).type == "cuda":
             host = host.pin_memory()
         dev = host if self.device is None else host.to(self.device, non_blocking=True)  # the step's one copy
         b, n = len(rows), len(rows) * t
-        parts = dev.split([n, n, n, b, b, b * self.per_seq])
-        self._step = (parts[0], parts[1], parts[2].view(b, t), parts[3], parts[4].int(),
-                      parts[5].view(b, self.per_seq).int())
+        parts = dev.split([n, n, n, b, b, b * width])
+        table = parts[5].view(b, width).int()
+        torch._dynamo.maybe_mark_dynamic(table, 1)  # a compiled step keeps one graph as rows grow
+        self._step = (parts[0], parts[1], parts[2].view(b, t), parts[3], parts[4].int(), table)
 
     def step(self, rows: Sequence[int], counts: Sequence[int], fused: bool = False) -> CacheStep:
         """prepare_rows + begin, for a caller that schedules rows itself (a server): the batch's i-th
@@ -158,8 +161,16 @@ class PagedCache:
         return CacheStep(self, positions, block, offset, positions, torch.zeros_like(pads), pads, prefill,
                          table, lengths, fused)
 
+    def table_width(self, longest: int) -> int:
+        """Blocks a step's table holds: those its longest row needs, so a read gathers (and attention
+        scans) the span the batch uses, not every row's max_len. At least two (where rows have two):
+        dynamo specialises a size-1 axis, so a compiled step that began at one block would compile
+        again at two."""
+        return min(self.per_seq, max(2, -(-longest // self.block_size)))
+
     def span_indices(self, table=None) -> torch.Tensor:
-        return self._span
+        """0..S-1 over the span a read of `table` returns (its blocks' tokens)."""
+        return self._span if table is None else self._span[: table.shape[1] * self.block_size]
 
     @property
     def block_table(self) -> torch.Tensor:

@@ -112,16 +112,21 @@ class Transformer(nn.Module):
 
     # ---- inference cache -----------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, device=None,
-                  kind: Optional[str] = None):
+                  kind: Optional[str] = None, num_blocks: Optional[int] = None):
         """Every layer's cache for `batch` rows of up to `max_len` tokens, of `kind` (dense or
         paged; default: the runtime's, dense for a runtime that recomputes), holding what the
-        attention kind keeps per token."""
-        for name, value in (("batch", batch), ("max_len", max_len)):
+        attention kind keeps per token. `num_blocks` (paged only): blocks in the pool, shared by
+        the rows (default: enough for every row at max_len); a server admits by free blocks."""
+        for name, value in (("batch", batch), ("max_len", max_len), ("num_blocks", num_blocks)):
+            if value is None and name == "num_blocks":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LlmlabError(f"new_cache: {name} must be a positive integer, got {value!r}")
         kind = kind or (self.runtime.cache if self.runtime.uses_cache else "dense")
         if kind not in CACHES:
             raise LlmlabError(f"new_cache: kind must be one of {', '.join(CACHES)}, got {kind!r}")
+        if num_blocks is not None and kind != "paged":
+            raise LlmlabError(f"new_cache: num_blocks sizes a paged pool; a {kind} cache has one block per row")
         limit = self.pos.max_positions
         if limit is not None and max_len > limit:
             raise LlmlabError(f"cache length {max_len} exceeds block_size {limit} of learned positions")
@@ -129,7 +134,7 @@ class Transformer(nn.Module):
         param = self.tok_emb.weight
         dtype, device = dtype or param.dtype, device or param.device
         spec = lookup("attention", self.config.attention).cache_spec(self.config)
-        extra = {"block_size": self.runtime.block_size} if kind == "paged" else {}
+        extra = {"block_size": self.runtime.block_size, "num_blocks": num_blocks} if kind == "paged" else {}
         return CACHES[kind](spec, len(self.blocks), batch, max_len, dtype, device, self.pos.tables(max_len), **extra)
 
     # ---- forward --------------------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""The server's parts in-process: the engine against llmlab.generate and against itself batched
+and compiled, streamed text against the tokenizer's whole decode, stop strings against str.find,
+chat templates against transformers' apply_chat_template, a Hugging Face folder's stop ids."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from llmlab import generate
+from llmlab.model import Transformer
+from llmlab.presets import preset_config
+from llmlab.runtime import Runtime
+from llmlab.serve.engine import Engine, Sampling, Sequence
+from llmlab.serve.text import TextStream
+from llmlab.tokenizer import ByteTokenizer
+
+
+def model_for(preset: str = "llama") -> Transformer:
+    torch.manual_seed(0)
+    config = preset_config(preset, vocab_size=256, block_size=96, n_layer=2, n_head=4, n_embd=32)
+    return Transformer(config, Runtime(cache="paged", block_size=16)).eval()
+
+
+def prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (3 + 9 * i % 40,), generator=g).tolist() for i in range(n)]
+
+
+def run_engine(engine: Engine, seqs: list[Sequence], join_every: int) -> list[list[int]]:
+    """Serve `seqs`, `join_every` newcomers admitted per step, finished ones released."""
+    waiting, running = list(seqs), []
+    while waiting or running:
+        new = [waiting.pop(0) for _ in range(min(join_every, len(waiting), len(engine.free_rows)))]
+        for s in new:
+            engine.attach(s)
+        engine.step(new, running)
+        for s in running + new:
+            if s.done:
+                engine.release(s)
+        running = [s for s in running + new if not s.done]
+    assert engine.cache.num_free_blocks == engine.total_blocks and len(engine.free_rows) == engine.max_batch
+    return [s.tokens for s in seqs]
+
+
+@pytest.mark.parametrize("preset", ["llama", "rope_mla"])
+def test_engine_batched_equals_alone_equals_generate(preset):
+    """Greedy: joining and leaving a batch of 3 rows (6 sequences, prompts across blocks) gives each
+    sequence the tokens it gets alone, and llmlab.generate's (a dense cache, batch 1). Sampled with a
+    seed: the same draws alone and batched."""
+    model = model_for(preset)
+    ps = prompts(6)
+    lengths = [4 + 3 * i for i in range(6)]
+    make = lambda sampling: [Sequence(p, n, sampling) for p, n in zip(ps, lengths)]  # noqa: E731
+    alone = [run_engine(Engine(model, 3, 96), [s], 1)[0] for s in make(Sampling(0))]
+    assert run_engine(Engine(model, 3, 96), make(Sampling(0)), 2) == alone
+    assert alone == [generate(model, [p], n, temperature=0)[0][len(p):].tolist() for p, n in zip(ps, lengths)]
+    seeded = lambda: [Sequence(p, n, Sampling(1.0, 20, 0.9, seed=i)) for i, (p, n) in enumerate(zip(ps, lengths))]  # noqa: E731
+    alone = [run_engine(Engine(model, 3, 96), [s], 1)[0] for s in seeded()]
+    assert run_engine(Engine(model, 3, 96), seeded(), 2) == alone
+
+
+def test_the_engine_decoding_only_running_rows_gives_generates_tokens():
+    """batch_invariant=False: each step decodes just the running rows (batches of 1 to 3 here)."""
+    model = model_for()
+    ps, lengths = prompts(5), [4 + 5 * i for i in range(5)]
+    got = run_engine(Engine(model, 3, 96, batch_invariant=False), [Sequence(p, n, Sampling(0)) for p, n in
+                                                                    zip(ps, lengths)], 2)
+    assert got == [generate(model, [p], n, temperature=0)[0][len(p):].tolist() for p, n in zip(ps, lengths)]
+
+
+def test_a_stop_id_ends_a_sequence_and_a_small_pool_is_reused():
+    model = model_for()
+    p = prompts(1)[0]
+    free = generate(model, [p], 12, temperature=0)[0][len(p):].tolist()
+    seq = Sequence(p, 12, Sampling(0), stop_ids=frozenset({free[4]}))
+    engine = Engine(model, 2, 96, num_blocks=4)
+    assert run_engine(engine, [seq], 1) == [free[:free.index(free[4]) + 1]] and seq.finish_reason == "stop"
+    assert Sequence(p, 3, tokens=[1, 2, 3]).finish_reason == "length"
+
+
+def test_the_compiled_engine_is_one_graph_with_the_eager_tokens(monkeypatch):
+    """compile=True: the decode step of all rows through torch.compile (dynamo's eager backend:
+    tracing is what is checked) gives the eager engine's tokens, without recompiling as sequences
+    join and leave (the decode shape never changes)."""
+    import torch._dynamo
+
+    from llmlab import compiled
+
+    monkeypatch.setattr(compiled, "COMPILE_OPTIONS", None)
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", fullgraph=True))
+    compiled._steps.clear()
+    model = model_for()
+    seqs = lambda: [Sequence(p, 6 + 3 * i, Sampling(0)) for i, p in enumerate(prompts(5))]  # noqa: E731
+    want = run_engine(Engine(model, 3, 96), seqs(), 2)
+    torch._dynamo.reset()
+    engine = Engine(model, 3, 96, compile=True)
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a compile failure would warn and decode eagerly
+        assert run_engine(engine, seqs(), 2) == want
+    # decoding only the running rows, the batch size changes: the guards pick the graph each step
+    want = run_engine(Engine(model, 3, 96, batch_invariant=False), seqs(), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run_engine(Engine(model, 3, 96, compile=True, batch_invariant=False), seqs(), 2) == want
+
+
+# ---- text --------------------------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=30), stops=st.lists(st.text(min_size=1, max_size=4), max_size=3), cut=st.integers(1, 4))
+def test_streamed_text_is_the_whole_decode_cut_at_the_first_stop(text, stops, cut):
+    """Byte tokens fed a few at a time (multi-byte characters split): the pieces join into the
+    tokenizer's decode of everything, cut before the stop string generated first (the occurrence
+    that ends first; at the same end, the one that starts first); no piece ever holds text past
+    that cut (nothing is taken back)."""
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    whole = tok.decode(ids)
+    hits = [(whole.find(s) + len(s), whole.find(s)) for s in stops if s in whole]
+    want = whole[:min(hits)[1]] if hits else whole
+    stream = TextStream(tok, stops)
+    pieces = []
+    for end in range(cut, len(ids) + cut, cut):
+        pieces.append(stream.feed(ids[:end], final=end >= len(ids)))
+        assert want.startswith("".join(pieces))
+        assert "\ufffd" not in "".join(pieces) or "\ufffd" in want
+        if stream.stopped:
+            break
+    assert "".join(pieces) == want and stream.stopped == bool(hits)
+
+
+# ---- chat templates ----------------------------------------------------------------------------
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+BOS_ONLY_USER = ("{{ bos_token }}{% for m in messages %}{% if m['role'] != 'user' %}"
+                 "{{ raise_exception('only user messages') }}{% endif %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+
+
+def test_an_hf_folder_chat_template_gives_transformers_ids(tmp_path):
+    """A Llama folder with a ChatML template in tokenizer_config.json and eos ids in its configs:
+    the served prompt ids equal AutoTokenizer.apply_chat_template's, the stop ids are the folder's,
+    and a template that raises refuses the messages with its own message."""
+    transformers = pytest.importorskip("transformers")
+    from llmlab.hf import _save_hf_tokenizer
+    from llmlab.serve.chat import load_template
+    from llmlab.serve.server import load_served
+
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=256, max_position_embeddings=64, eos_token_id=7)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    _save_hf_tokenizer(ByteTokenizer(), tmp_path)
+    tc = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": CHATML}))
+    model, tok, template, stops, _ = load_served(str(tmp_path), "cpu")
+    assert model.runtime.cache == "paged" and stops == {7, 9} and template.stop == ()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    want = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert tok.encode(template.render(messages)) == list(want)
+    from llmlab.hf import convert_from_hf  # `llmlab convert --from-hf` keeps the template for serving
+
+    run = convert_from_hf(tmp_path, tmp_path.parent / f"{tmp_path.name}-run")
+    assert load_served(str(run.parent), "cpu")[2].render(messages) == template.render(messages)
+    (tmp_path / "chat_template.jinja").write_text(BOS_ONLY_USER)  # the separate file wins, as in transformers
+    strict = load_template(tmp_path)
+    assert strict.render([{"role": "user", "content": "x"}]) == "[INST] x [/INST]"
+    with pytest.raises(ValueError, match="only user messages"):
+        strict.render(messages)
+
+
+def test_the_default_template_and_a_sandboxed_one():
+    from llmlab.errors import LlmlabError
+    from llmlab.serve.chat import ChatTemplate
+
+    default = ChatTemplate()
+    assert default.render([{"role": "user", "content": "hi"}]) == "User: hi\n\nAssistant:"
+    assert default.stop == ("\nUser:",)
+    escape = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")  # a template reaching for Python
+    with pytest.raises(ValueError, match="refused"):
+        escape.render([{"role": "user", "content": "x"}])
+    with pytest.raises(LlmlabError, match="does not parse"):
+        ChatTemplate("{% for %}")
