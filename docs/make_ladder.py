@@ -94,9 +94,15 @@ def blocks(doc: dict) -> dict[str, str]:
     from llmlab.compare import report
 
     claims = claims_mod.evaluate(doc)
+    runs = [r for e in doc["entries"] for r in e["runs"]]
+    reused = sum(1 for r in runs if r.get("reused"))
+    jobs = doc["settings"]["jobs"]
+    # an interrupted comparison reuses its finished runs, so the last invocation's time is not the cost
+    time = (f"the {len(runs)} runs (training + measuring) took {sum(r.get('wall_s') or 0 for r in runs) / 60:.0f} "
+            f"min in all, {jobs} at a time (`llmlab compare`), then the timing rounds; the last invocation "
+            f"took {doc['wall_s'] / 60:.0f} min" + (f" and reused {reused} finished run(s)" if reused else ""))
     header = (f"- Date: {doc['date']}. Machine: {doc['machine']}; torch threads per process: "
-              f"{doc['settings']['threads']}.\n- Time: {doc['wall_s'] / 60:.0f} min for the comparison "
-              f"(`llmlab compare`, its runs {doc['settings']['jobs']} at a time).\n"
+              f"{doc['settings']['threads']}.\n- Time: {time}.\n"
               f"- {report.settings_text(doc)}\n- {report.timing_text(doc)}\n")
     out = {"settings": header, "claims": claims_mod.markdown(claims) + "\n", "reading": reading(claims),
            "table": report.ladder_table(doc) + "\n\n" + report.controlled_pairs(doc) + "\n",

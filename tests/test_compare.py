@@ -160,11 +160,18 @@ def test_second_run_trains_and_times_nothing_again(capsys, compared, corpus):
     out, _, _ = compared
     before = {p: p.read_bytes() for p in (out / "runs").glob("*/seed*/metrics.jsonl") if "bad" not in str(p)}
     timing = (out / "timing.json").read_bytes()
+    # a comparison killed after a run's last step but before its result was written: that run is
+    # measured again from its checkpoint, never trained again (nor refused as "nothing to do")
+    killed = out / "runs" / "gqa2" / "seed1338"
+    old = json.loads((killed / "compare.json").read_text())
+    (killed / "compare.json").unlink()
     code, _, _ = run(capsys, "compare", "--presets", ENTRIES, *SETS, "--data", corpus, "--out", out, *TINY)
     assert code == 1  # bad is retried (it fails again), the others are reused
     doc = json.loads((out / "results.json").read_text())
     for e in doc["entries"][:3]:
-        assert all(r["reused"] for r in e["runs"])
+        assert all(r["reused"] != (e["name"] == "gqa2" and r["seed"] == 1338) for r in e["runs"])
+    again = json.loads((killed / "compare.json").read_text())
+    assert again["status"] == "ok" and again["val_loss_whole"] == old["val_loss_whole"]
     assert {p: p.read_bytes() for p in before} == before and (out / "timing.json").read_bytes() == timing
     # other settings on the same --out: refused (its numbers would mix), --fresh would start over
     code, _, err = run(capsys, "compare", "--presets", ENTRIES, *SETS, "--data", corpus, "--out", out,

@@ -73,6 +73,15 @@ def whole_val(model, run_dir: Path, data, device: str, max_tokens):
     return mean_loss(model, batches, device), n, val
 
 
+def _trained(last: Path, max_iters: int) -> bool:
+    """Whether the run's last checkpoint already holds every step (then only the measuring is left)."""
+    from llmlab import checkpoint as ckpt
+
+    if not last.is_dir():
+        return False
+    return ckpt.saved_step(ckpt.read_meta(last), last) >= max_iters
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -92,7 +101,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     args = TrainArgs(**spec["train"], out=str(run_dir), resume=(run_dir / "last").is_dir(), quiet=True,
                      sample_tokens=0)
     device = pick_device(args.device)
-    train(args)
+    if not _trained(run_dir / "last", args.max_iters):  # killed after its last step, before its result
+        train(args)
     train_s = time.perf_counter() - t0
     peak = peak_memory_mib(device)  # training's peak, before evaluation adds its own buffers
     curve, logged_tps = read_curve(run_dir)
