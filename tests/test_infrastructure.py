@@ -106,6 +106,25 @@ def test_ragged_batch_whose_window_rolls_equals_each_prompt_alone():
         assert torch.equal(row, llmlab.generate(model, torch.tensor([p]), 12, temperature=0)[0])
 
 
+def test_padded_row_whose_window_rolls_has_the_recomputed_logits():
+    """Logits, not only greedy tokens (a tiny model's argmax can hide a wrong mask): a 5-token row
+    left-padded beside a 30-token one, window 32, so it rolls 10 times; at every step each row's
+    logits equal recomputing that row alone (its padding shrinks as the window moves left)."""
+    from llmlab.generation import _cached_logits, _recomputed_logits
+
+    model = tiny_model(preset="kv_cache").eval()
+    idx = torch.tensor([list(range(1, 31)), [0] * 25 + [3, 1, 4, 1, 5]])
+    pad = torch.tensor([0, 25])
+    fed = torch.randint(1, model.config.vocab_size, (12, 2), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cached, recomputed = _cached_logits(model, idx, pad, 13), _recomputed_logits(model, idx, pad)
+        got, want = next(cached), next(recomputed)
+        for tok in fed:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            got, want = cached.send(tok), recomputed.send(tok)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_streamed_text_never_splits_a_multibyte_character(monkeypatch):
     from llmlab import sample
     from llmlab.tokenizer import ByteTokenizer
