@@ -207,6 +207,9 @@ def _within(e: Entry, mha: Entry, vm, kind: str) -> tuple[bool, str, str]:
     good = d <= QUALITY_TOLERANCE
     note = "" if good else (f"{kind}'s quality claim is made at scale (DeepSeek-V2, GQA papers); at a few hundred "
                             "steps of a small model the smaller cache costs more here")
+    if not good and beyond is False:  # past the tolerance, but so is the noise: neither shown nor refuted
+        note = ("past the tolerance but within the noise: not shown either way at this many seeds (more seeds or "
+                "steps narrow the band)")
     if good and beyond is None:
         note = "1 seed: noise unknown"
     return good, measured, note
