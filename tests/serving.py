@@ -55,6 +55,7 @@ class Server:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
+        last: object = "no answer"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"llmlab serve exited with {self.proc.returncode}:\n{self.output()}")
@@ -62,11 +63,13 @@ class Server:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
                         return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+                    last = f"/health answered {r.status}"
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+                last = e  # not listening yet; said below if it never does
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"llmlab serve did not answer /health within {START_TIMEOUT_S} s:\n{self.output()}")
+        raise RuntimeError(f"llmlab serve did not answer /health within {START_TIMEOUT_S} s (last: {last}):\n"
+                           f"{self.output()}")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -8,6 +8,7 @@ import json
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -179,13 +180,33 @@ def test_sigterm_finishes_the_streams_in_flight_refuses_new_ones_and_exits_0(tmp
     t = threading.Thread(target=lambda: results.setdefault("in flight", stream(s.url, body)))
     t.start()
     assert s.wait_metric("llmlab_requests_running", 1)["llmlab_requests_running"] == 1
+    # a request whose headers arrive before SIGTERM and whose body after it: uvicorn keeps a
+    # connection with a request under way, so this one is answered inside the drain, with a 503
+    late = json.dumps(body).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(len(late)))
+    conn.endheaders()
+    time.sleep(0.5)  # the server has read the headers
     s.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    try:  # the listener is closed (refused) or, if still open, the request is a 503
-        status = post(s.url + "/v1/completions", body, timeout=5)[0]
-        assert status == 503
-    except (urllib.error.URLError, ConnectionError):
-        pass
+    time.sleep(0.5)
+    conn.send(late)
+    resp = conn.getresponse()
+    assert resp.status == 503 and json.loads(resp.read())["error"]["code"] == "shutting_down"
+    conn.close()
+    # a new connection: refused once the listener is closed; until then, a 503 and never served
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            status = post(s.url + "/v1/completions", body, timeout=5)[0]
+        except urllib.error.URLError as e:
+            assert isinstance(e.reason, ConnectionRefusedError), e
+            break
+        except ConnectionRefusedError:
+            break
+        assert status == 503 and time.monotonic() < deadline
+        time.sleep(0.1)
     t.join(60)
     got = results["in flight"]
     assert got[:2] == want[:2] and got[1] == "length" and got[2][-1] == "[DONE]"  # finished whole
