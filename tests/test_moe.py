@@ -25,6 +25,7 @@ def moe_layer(seed=0, **kw) -> MoE:
         for p in layer.parameters():
             p.normal_(0, 0.3)
         layer.router.bias.normal_(0, 0.1)
+    layer.record_load = layer.record_balance_loss = True  # as a balancer turns them on
     return layer
 
 
@@ -99,6 +100,26 @@ def test_capacity_drops_the_lowest_scored_assignments_in_training_only():
         torch.testing.assert_close(layer.eval()(x), naive(layer, x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_plain_training_loop_records_nothing_it_does_not_use():
+    """Without a balancer asking (llmlab.training.balance), training forwards keep no load log and
+    build no balance loss (whose graph would outlive the step); a balancer without the auxiliary
+    loss asks for the loads only."""
+    from llmlab.training.balance import ExpertBalance
+
+    model = Transformer(preset_config("moe", vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=16)).train()
+    moe = [b.mlp for b in model.blocks if isinstance(b.mlp, MoE)]
+    x = torch.randint(40, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        model.loss(x, x).backward()
+    assert moe and all(m.load_log == [] and m.balance_loss is None for m in moe)
+    ExpertBalance(model, bias_rate=0.01, aux_weight=0.0)
+    model.loss(x, x).backward()
+    assert all(len(m.load_log) == 1 and m.balance_loss is None for m in moe)
+    ExpertBalance(model, aux_weight=0.1)
+    model.loss(x, x)
+    assert all(m.balance_loss is not None and m.balance_loss.requires_grad for m in moe)
+
+
 def test_balance_loss_matches_the_formula():
     layer = moe_layer().train()
     b, t, e, k = 3, 10, 8, 2
@@ -170,6 +191,7 @@ def test_loss_compiles_as_one_graph(preset, kw):
         moe = [b.mlp for b in model.blocks if isinstance(b.mlp, MoE)]
         for m in moe:
             m.load_log.clear()
+            m.record_load = m.record_balance_loss = True
         loss = fn(x, y) + sum(m.balance_loss for m in moe)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()],
@@ -190,8 +212,6 @@ def test_first_k_dense_replace_and_active_params():
     assert (cfg.routed_experts, cfg.experts_per_token, cfg.shared_experts, i) == (8, 2, 1, cfg.ffn_size // 3)
     idle = 2 * (8 - 2) * 3 * 32 * i  # 2 MoE layers, 6 experts a token skips, 3 matrices of D x I each
     assert model.num_active_params() == model.num_params() - idle
-    assert Transformer(preset_config("rope_mla", vocab_size=40, n_layer=2, n_embd=32)).num_active_params() == \
-        Transformer(preset_config("rope_mla", vocab_size=40, n_layer=2, n_embd=32)).num_params()
 
 
 def test_router_bias_is_a_saved_buffer_without_gradient():

@@ -124,8 +124,12 @@ class MoE(nn.Module):
         self.shared = SwiGLU(config, hidden=n_shared * config.expert_size) if n_shared else None
         self.capacity_factor = config.moe_capacity_factor
         self.dropout = nn.Dropout(config.dropout)
-        self.load_log: list[torch.Tensor] = []  # training: (2, E) [routed, dropped] counts per forward
-        self.balance_loss: Optional[torch.Tensor] = None  # training: the last forward's L_bal
+        # What a training forward records, for whoever balances the experts (llmlab.training.balance
+        # turns these on): nothing by default, so a plain training loop keeps no per-step tensors and
+        # builds no balance-loss graph it never uses.
+        self.record_load = self.record_balance_loss = False
+        self.load_log: list[torch.Tensor] = []  # (2, E) [routed, dropped] counts per forward
+        self.balance_loss: Optional[torch.Tensor] = None  # the last forward's L_bal
 
     def idle_params(self) -> int:
         """Routed-expert parameters a token does not run through (for num_active_params)."""
@@ -160,8 +164,9 @@ class MoE(nn.Module):
         rows = self.experts(flat[order // k], ends.to(torch.int32)) * w_sorted.unsqueeze(1).to(flat.dtype)
         # back to assignment order (a permutation: no two rows collide), then sum each token's k experts
         routed = torch.empty_like(rows).index_copy_(0, order, rows).view(b * t, k, d).sum(dim=1)
-        if self.training:
+        if self.training and self.record_load:
             self.load_log.append(torch.stack([counts, dropped]).detach())
+        if self.training and self.record_balance_loss:
             self.balance_loss = self._balance_loss(scores, chosen, b, t)
         out = self.dropout(routed.view(b, t, d))
         return out + self.shared(x) if self.shared is not None else out

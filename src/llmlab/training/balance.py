@@ -30,6 +30,8 @@ class ExpertBalance:
         self.bias_rate, self.aux_weight = bias_rate, aux_weight
         self.all_reduce_sum = all_reduce_sum or (lambda t: t)
         self.capacity = any(m.capacity_factor is not None for m in self.layers)
+        for m in self.layers:  # what the forwards must record for this balancer (see MoE)
+            m.record_load, m.record_balance_loss = True, aux_weight > 0
 
     def aux_loss(self) -> Optional[torch.Tensor]:
         """alpha * sum of the layers' balance losses from the forward just run (None when off)."""
