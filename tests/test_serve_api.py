@@ -204,6 +204,23 @@ def test_the_page_is_plain_html_with_no_outside_resource(served):
     assert "http://" not in html and "https://" not in html and "<script src" not in html
 
 
+def hf_folder(where, vocab_size=256, nan=False):
+    """A tiny Llama folder with a byte tokenizer.json (256 ids), its weights NaN if asked."""
+    transformers = pytest.importorskip("transformers")
+    from llmlab.hf import _save_hf_tokenizer
+    from llmlab.tokenizer import ByteTokenizer
+
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    if nan:
+        with torch.no_grad():
+            model.lm_head.weight.fill_(float("nan"))
+    model.save_pretrained(where)
+    _save_hf_tokenizer(ByteTokenizer(), where)
+    return where
+
+
 def test_cli_refuses_bad_settings_in_one_line(tmp_path, capsys):
     from llmlab.checkpoint import save_checkpoint
     from llmlab.cli import main
@@ -215,6 +232,8 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path, capsys):
     learned = tmp_path / "learned"  # learned positions end at block_size 32
     save_checkpoint(learned, Transformer(preset_config("kv_cache", vocab_size=256, block_size=32, n_layer=1,
                                                        n_head=2, n_embd=16)), ByteTokenizer())
+    small_vocab, nan = hf_folder(tmp_path / "hf", vocab_size=200), hf_folder(tmp_path / "hf-nan", nan=True)
+    capsys.readouterr()  # transformers' save progress
     for where, flags, says in ((run, ["--max-batch", "0"], "--max-batch must be at least 1"),
                                (run, ["--block-size", "24"], "power of two"),
                                (run, ["--port", "70000"], "--port must be in [0, 65535]"),
@@ -224,6 +243,12 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path, capsys):
         code = main(["serve", str(where), *flags])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error:") and says in err and err.count("\n") == 1, (flags, err)
+    # a Hugging Face folder gets the same checks as a run (after transformers' loading progress)
+    for where, says in ((small_vocab, "do not belong together"), (nan, "NaN/inf weights")):
+        code = main(["serve", str(where)])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and last.startswith("error:") and says in last and "Traceback" not in err, err
 
 
 def test_the_readme_openai_example_runs_against_the_server(served, capsys):

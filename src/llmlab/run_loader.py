@@ -11,8 +11,6 @@ def load_run(run_dir: str, device: str, runtime: Optional[dict] = None):
     """Model + tokenizer of a run for sample / eval / serve, every way they can be unusable checked first:
     device, config, memory, weights that are not finite, a tokenizer that does not fit the model.
     `runtime`: changes to how the run's model runs (llmlab.runtime)."""
-    import torch
-
     from llmlab.checkpoint import load, resolve_checkpoint
     from llmlab.device import resolve_device
     from llmlab.tokenizer import load_tokenizer
@@ -25,12 +23,20 @@ def load_run(run_dir: str, device: str, runtime: Optional[dict] = None):
                           "--out DIR` writes a single one to use here")
     tok = load_tokenizer(directory)
     model = load(directory, device=dev, runtime=runtime)
+    check_usable(model, tok, directory)
+    return model, tok
+
+
+def check_usable(model, tok, where) -> None:
+    """A tokenizer whose ids the model has (else a prompt could index past the embedding), weights
+    that are all finite: refused in one line, whichever way the model was loaded."""
+    import torch
+
     if tok.vocab_size > model.config.vocab_size:
-        raise LlmlabError(f"the tokenizer in {directory} has {tok.vocab_size} ids but the model only "
+        raise LlmlabError(f"the tokenizer in {where} has {tok.vocab_size} ids but the model only "
                           f"{model.config.vocab_size}; they do not belong together (retrain or re-convert)")
     with torch.no_grad():
         bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        raise LlmlabError(f"checkpoint {directory} has NaN/inf weights ({bad[0]}, {len(bad)} tensor(s)); "
+        raise LlmlabError(f"{where} has NaN/inf weights ({bad[0]}, {len(bad)} tensor(s)); "
                           "use an earlier checkpoint (e.g. best/) or retrain")
-    return model, tok

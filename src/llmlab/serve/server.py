@@ -57,8 +57,11 @@ def load_served(path_or_run: str, device: str = "auto", runtime: Optional[dict] 
         dev = resolve_device(device)
         if not (path / TOKENIZER_FILE).is_file():
             raise LlmlabError(f"{path} has no {TOKENIZER_FILE}; the server needs the model's tokenizer")
+        from llmlab.run_loader import check_usable
+
         tok = load_tokenizer(path)
         model = from_hf(path)
+        check_usable(model, tok, path)
         model.use_runtime(model.runtime.changed(**changes))
         model.to(dev)
         if model.runtime.dtype:
