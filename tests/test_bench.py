@@ -131,6 +131,16 @@ def test_decode_script_wrapper(capsys):
     assert "llmlab_cached_tokens_per_s" in last_json(capsys.readouterr().out)
 
 
+@pytest.mark.parametrize("entry", [["benchmarks/decode.py"], ["-m", "llmlab.bench", "decode"]])
+@pytest.mark.parametrize("flags", [["--repeats", "x"], ["--contexts", "8,x"], ["--shape", "nope"]])
+def test_decode_script_bad_flags_are_one_line(entry, flags):
+    """Started as a script or a module (not through the CLI's handler): still one line, exit 2."""
+    proc = subprocess.run([sys.executable, *entry, *flags], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
 def test_train_benchmark_missing_data(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "train_shakespeare_char.py"), "--data", str(tmp_path / "nope.txt")],

@@ -28,6 +28,7 @@ from llmlab.bench.measure import (CACHED_RUN, COMPILED_RUN, HF_RUN, UNCACHED_RUN
 from llmlab.bench.report import print_cache_bytes, print_contexts, print_speed, print_table  # noqa: F401
 from llmlab.bench.shapes import (DECODE_STEPS, LLAMA_FFN, LLAMA_KV_HEADS, MLA_SIZES, N_EMBD, N_HEAD,  # noqa: F401
                                  N_LAYER, SHAPES, UNCACHED_STEPS, VOCAB)
+from llmlab.errors import LlmlabError
 
 
 def _(default: Any, help: str, **meta: Any) -> Any:
@@ -106,6 +107,16 @@ def _check(ns, max_len: int) -> Optional[str]:
 
 # ---- main --------------------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> int:
+    """`llmlab bench decode`, `python -m llmlab.bench` and benchmarks/decode.py alike: bad flags are
+    one `error:` line and exit 2, however it was started."""
+    try:
+        return _main(argv)
+    except LlmlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Optional[list[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "decode":  # `python -m llmlab.bench decode ...` as well as the cli's remainder
         argv = argv[1:]
