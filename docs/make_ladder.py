@@ -27,7 +27,7 @@ BLOCK = re.compile(r"(<!-- numbers:([\w-]+) -->\n)(.*?)(<!-- /numbers -->)", re.
 # The docs comparison: every rung, and the attention kinds on the controlled Llama block (RoPE,
 # RMSNorm, SwiGLU, untied, no biases: llama and rope_mla's block) with everything else equal.
 # 8 heads: MLA's cache (d_c + d_r = 72 values a layer) is below 1/3 of MHA's (2·8·16 = 256).
-# 16 entries x 3 seeds = 48 runs of 300 steps, 2 at a time, then 5 timing rounds at 512/2k/4k of
+# 18 entries x 3 seeds = 54 runs of 300 steps, 2 at a time, then 5 timing rounds at 512/2k/4k of
 # the eager steps (the compiled step, 1.4-1.8x at 4k here, would add ~7 min of compiling and rounds;
 # `llmlab bench decode` measures it).
 PRESETS = "all,llama_mha=llama,llama_gqa4=llama,llama_mqa=llama,mla_c32=rope_mla,mla_c128=rope_mla"
@@ -99,7 +99,7 @@ def blocks(doc: dict) -> dict[str, str]:
     jobs = doc["settings"]["jobs"]
     # an interrupted comparison reuses its finished runs, so the last invocation's time is not the cost
     time = (f"the {len(runs)} runs (training + measuring) took {sum(r.get('wall_s') or 0 for r in runs) / 60:.0f} "
-            f"min in all, {jobs} at a time (`llmlab compare`), then the timing rounds; the last invocation "
+            f"min summed over runs, {jobs} at a time (`llmlab compare`), then the timing rounds; the last invocation "
             f"took {doc['wall_s'] / 60:.0f} min" + (f" and reused {reused} finished run(s)" if reused else ""))
     header = (f"- Date: {doc['date']}. Machine: {doc['machine']}; torch threads per process: "
               f"{doc['settings']['threads']}.\n- Time: {time}.\n"

@@ -172,6 +172,7 @@ def test_second_run_trains_and_times_nothing_again(capsys, compared, corpus):
         assert all(r["reused"] != (e["name"] == "gqa2" and r["seed"] == 1338) for r in e["runs"])
     again = json.loads((killed / "compare.json").read_text())
     assert again["status"] == "ok" and again["val_loss_whole"] == old["val_loss_whole"]
+    assert again["train_s"] is None and again["peak_mem_mib"] is None  # not trained by this process: unknown
     assert {p: p.read_bytes() for p in before} == before and (out / "timing.json").read_bytes() == timing
     # other settings on the same --out: refused (its numbers would mix), --fresh would start over
     code, _, err = run(capsys, "compare", "--presets", ENTRIES, *SETS, "--data", corpus, "--out", out,

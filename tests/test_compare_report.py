@@ -87,9 +87,10 @@ def test_claims_on_known_numbers():
     doc["entries"][6]["val_loss_whole"] = [2.35, 2.36]
     worse = claim(doc, "MLA keeps MHA-like quality")
     assert worse.verdict is False and "costs more" in worse.note  # +0.05, beyond noise
-    doc["entries"][6]["val_loss_whole"] = [2.30, 2.42]  # +0.055 on average, but seeds 0.12 apart
-    noisy = claim(doc, "MLA keeps MHA-like quality")
-    assert noisy.verdict is False and "within the noise" in noisy.note and "costs more" not in noisy.note
+    for vals in ([2.30, 2.42], [2.34, 2.35]):  # +0.055 with seeds 0.12 apart; +0.040, beyond noise from 0
+        doc["entries"][6]["val_loss_whole"] = vals  # but only 0.01 past the tolerance, inside the band 0.014
+        noisy = claim(doc, "MLA keeps MHA-like quality")
+        assert noisy.verdict is False and "less than the noise" in noisy.note and "costs more" not in noisy.note
     doc["entries"][6]["val_loss_whole"] = [2.35, 2.36]
     doc["entries"][6]["timing"]["rounds"] = rounds(own={64: 400, 512: 250}, decompressing={64: 300, 512: 100})
     assert claim(doc, "MLA's absorbed decode beats").verdict is False  # 2.5x < 3x

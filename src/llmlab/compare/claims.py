@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from llmlab.compare.results import (attention_label, base_key, best_decode_variant, config_diff,
                                     decode_speed, model_key, normalized, ok, train_speed, val)
-from llmlab.compare.stats import compare_means, faster
+from llmlab.compare.stats import compare_means, faster, noise_band
 
 QUALITY_TOLERANCE = 0.03  # nats: "MHA-like quality" (the issue's target for MLA)
 SINUSOIDAL_TOLERANCE = 0.05  # nats: "sinusoidal ≈ learned"
@@ -205,10 +205,11 @@ def _within(e: Entry, mha: Entry, vm, kind: str) -> tuple[bool, str, str]:
     measured = (f"{e['name']} {ve.text()} at {cache_of(e):,} B/token vs {mha['name']} {vm.text()} at "
                 f"{cache_of(mha):,} B/token: {words}")
     good = d <= QUALITY_TOLERANCE
+    band = noise_band(ve, vm)
     note = "" if good else (f"{kind}'s quality claim is made at scale (DeepSeek-V2, GQA papers); at a few hundred "
                             "steps of a small model the smaller cache costs more here")
-    if not good and beyond is False:  # past the tolerance, but so is the noise: neither shown nor refuted
-        note = ("past the tolerance but within the noise: not shown either way at this many seeds (more seeds or "
+    if not good and band is not None and d - QUALITY_TOLERANCE <= band:  # the excess is inside the noise
+        note = ("past the tolerance by less than the noise: not shown either way at this many seeds (more seeds or "
                 "steps narrow the band)")
     if good and beyond is None:
         note = "1 seed: noise unknown"

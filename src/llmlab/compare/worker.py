@@ -101,10 +101,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     args = TrainArgs(**spec["train"], out=str(run_dir), resume=(run_dir / "last").is_dir(), quiet=True,
                      sample_tokens=0)
     device = pick_device(args.device)
-    if not _trained(run_dir / "last", args.max_iters):  # killed after its last step, before its result
+    trains = not _trained(run_dir / "last", args.max_iters)  # else: killed after its last step, before its result
+    if trains:
         train(args)
-    train_s = time.perf_counter() - t0
-    peak = peak_memory_mib(device)  # training's peak, before evaluation adds its own buffers
+    # training's peak and time, before evaluation adds its own (unknown for a run that did not train here)
+    train_s = round(time.perf_counter() - t0, 1) if trains else None
+    peak = round(peak_memory_mib(device), 1) if trains else None
     curve, logged_tps = read_curve(run_dir)
     model = load(run_dir / "last", device=device)  # the final weights, which the last eval measured
     full_val, val_tokens, val_ids = whole_val(model, run_dir, args.data, device, m["val_tokens"])
@@ -118,13 +120,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "entry": spec["entry"], "preset": spec["preset"], "seed": spec["seed"], "status": "ok",
         "settings": spec["settings"], "config": recorded_config(model), "params": model.num_params(),
         "val_loss": curve[-1][1] if curve else None, "val_loss_whole": round(full_val, 4),
-        "val_tokens": int(val_tokens), "val_curve": curve, "peak_mem_mib": round(peak, 1),
+        "val_tokens": int(val_tokens), "val_curve": curve, "peak_mem_mib": peak,
         "cache_kind": kind, "decode_path": decode_path(model), "greedy_tokens": greedy,
         "cache_bytes_per_token": cache["measured"] if cache else None,
         "cache_formula": f"n_layer * ({cache['formula_text']}) * {cache['dtype'].replace('torch.', '')}"
                          if cache else None,
         # logged while training, possibly beside other runs (--jobs): the report times speed apart
-        "train_tokens_per_s_logged": round(logged_tps), "train_s": round(train_s, 1),
+        "train_tokens_per_s_logged": round(logged_tps), "train_s": train_s,
         "wall_s": round(time.perf_counter() - t0, 1), "device": device,
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
