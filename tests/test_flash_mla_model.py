@@ -97,6 +97,10 @@ def test_flash_mla_needs_mla():
         Transformer(tiny(preset="rope"), Runtime(attention="flash_mla", cache="paged"))
     with pytest.raises(LlmlabError, match="decodes from a paged cache"):
         Runtime(attention="flash_mla", cache="dense")
+    for size in (1, 8):  # the kernel's blocks are powers of two from 16 (kernels.dispatch.check_inputs)
+        with pytest.raises(LlmlabError, match="at least 16 tokens"):
+            Runtime(attention="flash_mla", cache="paged", block_size=size)
+    assert Runtime(attention="sdpa", cache="paged", block_size=8).block_size == 8  # the PyTorch path takes any
 
 
 CHILD = """

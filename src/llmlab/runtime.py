@@ -54,6 +54,9 @@ class Runtime:
         if impl.needs_cache and self.uses_cache and self.cache != impl.needs_cache:
             raise LlmlabError(f"attention {self.attention!r} decodes from a {impl.needs_cache} cache; "
                               f"this runtime asks for cache={self.cache!r}")
+        if self.cache == "paged" and self.block_size < impl.min_block_size:
+            raise LlmlabError(f"attention {self.attention!r} reads paged blocks of at least {impl.min_block_size} "
+                              f"tokens; block_size {self.block_size} is too small")
         if config is not None and impl.kinds and config.attention not in impl.kinds:
             raise LlmlabError(f"attention {self.attention!r} is an implementation of attention "
                               f"{' / '.join(impl.kinds)} (e.g. preset rope_mla); this model has {config.attention!r}")

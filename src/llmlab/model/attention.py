@@ -23,11 +23,13 @@ class AttentionImpl:
     """An attention implementation: `dense(q, k, v, mask, dropout_p)` serves training, prefill and
     reads of a cache; `latent_decode`, where set, computes MLA's cached steps straight from a paged
     pool (a fused kernel) instead of MLA's own absorbed attention. `kinds`: the attention kinds it
-    implements (empty: all); `needs_cache`: the cache kind its cached path reads."""
+    implements (empty: all); `needs_cache`: the cache kind its cached path reads; `min_block_size`: the
+    smallest paged-cache block its kernel takes."""
     dense: Callable
     latent_decode: Optional[Callable] = None
     kinds: tuple[str, ...] = ()
     needs_cache: Optional[str] = None
+    min_block_size: int = 1
 
 
 def causal_mask(t: int, s: int, device) -> torch.Tensor:

@@ -48,7 +48,8 @@ def flash_mla_latent_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Te
 # The flash_mla rung's implementation: dense attention (training, prefill) is SDPA; cached steps
 # read the paged latent pool through the FlashMLA-style kernel.
 register("attention_impl", "flash_mla")(AttentionImpl(sdpa_attention, latent_decode=flash_mla_latent_decode,
-                                                      kinds=("mla",), needs_cache="paged"))
+                                                      kinds=("mla",), needs_cache="paged",
+                                                      min_block_size=16))
 
 
 @register("attention", "mla")
