@@ -91,6 +91,20 @@ def test_kill_during_the_best_write_is_reconciled_at_start(run10, tmp_path):
     assert json.loads((run / "best" / "config.json").read_text())["state"]["val_loss"] == last_state["val_loss"]
 
 
+def test_a_best_that_records_a_lower_loss_is_never_replaced_at_start(run10, tmp_path):
+    """best/ recording a loss below last/'s (0.0 included: a number, not "unknown") is kept as it is."""
+    run = fresh_copy(run10, tmp_path)
+    for recorded in (0.0, 1e-3):
+        cfg_path = run / "best" / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["state"]["val_loss"] = recorded
+        cfg_path.write_text(json.dumps(cfg))
+        before = {p.name: p.read_bytes() for p in (run / "best").iterdir() if p.is_file()}
+        with pytest.raises(LlmlabError, match="finished at step 10"):  # any start reconciles first
+            train(args(run, max_iters=10, eval_interval=5, resume=True))
+        assert {p.name: p.read_bytes() for p in (run / "best").iterdir() if p.is_file()} == before
+
+
 def test_second_train_on_the_same_out_is_refused_and_the_first_untouched(run10, tmp_path):
     run = fresh_copy(run10, tmp_path)
     first = RunLock(run)  # the first `llmlab train`, still running

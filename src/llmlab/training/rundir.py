@@ -77,6 +77,11 @@ def _state(directory: Path) -> Optional[dict]:
     return state if isinstance(state, dict) else None
 
 
+def _below(val: float, best_val) -> bool:
+    """val beats best/'s recorded loss (a best/ without a readable one is beaten; 0.0 is a loss)."""
+    return best_val is None or val < best_val
+
+
 def _number(x) -> Optional[float]:
     """A number from a config.json a user may have edited; anything else counts as unknown."""
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
@@ -94,7 +99,7 @@ def recover(out: Path) -> list[str]:
     last, best = _state(out / "last") or {}, _state(out / "best")
     val, best_val = _number(last.get("val_loss")), _number(last.get("best_val_loss"))
     if val is not None and best_val is not None and val <= best_val \
-            and (best is None or val < (_number(best.get("val_loss")) or float("inf"))):
+            and (best is None or _below(val, _number(best.get("val_loss")))):
         _best_from_last(out)  # last/ holds the best weights but best/ was not written (killed)
         done.append(f"rebuilt {out / 'best'} from {out / 'last'} (val loss {val:.4f}; "
                     "its write was interrupted)")
