@@ -106,6 +106,7 @@ def test_the_compiled_decode_step_is_one_graph_over_either_cache(kind, monkeypat
     from llmlab import compiled
 
     monkeypatch.setattr(compiled, "COMPILE_OPTIONS", None)
+    monkeypatch.setattr(compiled, "_compile_failed", False)  # else an earlier failure decodes eagerly, unwarned
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", fullgraph=True))
     compiled._steps.clear()
@@ -193,6 +194,7 @@ def test_compiled_decode_past_the_position_tables_never_recompiles(monkeypatch):
     from llmlab import compiled
 
     monkeypatch.setattr(compiled, "COMPILE_OPTIONS", None)
+    monkeypatch.setattr(compiled, "_compile_failed", False)  # else an earlier failure decodes eagerly, unwarned
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", fullgraph=True))
     compiled._steps.clear()

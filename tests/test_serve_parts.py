@@ -91,6 +91,7 @@ def test_the_compiled_engine_is_one_graph_with_the_eager_tokens(monkeypatch):
     from llmlab import compiled
 
     monkeypatch.setattr(compiled, "COMPILE_OPTIONS", None)
+    monkeypatch.setattr(compiled, "_compile_failed", False)  # an earlier failure would decode eagerly, unwarned
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", fullgraph=True))
     compiled._steps.clear()
@@ -103,10 +104,17 @@ def test_the_compiled_engine_is_one_graph_with_the_eager_tokens(monkeypatch):
         warnings.simplefilter("error")  # a compile failure would warn and decode eagerly
         assert run_engine(engine, seqs(), 2) == want
     # decoding only the running rows, the batch size changes: the guards pick the graph each step
+    # after the warm-up (what `llmlab serve --compile` runs before answering) nothing compiles again
+    from torch._dynamo.utils import counters
+
     want = run_engine(Engine(model, 3, 96, batch_invariant=False), seqs(), 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert run_engine(Engine(model, 3, 96, compile=True, batch_invariant=False), seqs(), 2) == want
+        engine = Engine(model, 3, 96, compile=True, batch_invariant=False)
+        engine.warm_up()
+        graphs = counters["stats"]["unique_graphs"]
+        assert run_engine(engine, seqs(), 2) == want
+        assert counters["stats"]["unique_graphs"] == graphs
 
 
 # ---- text --------------------------------------------------------------------------------------

@@ -77,14 +77,18 @@ class Engine:
         self.decoded = 0
 
     def warm_up(self) -> None:
-        """One prefill and one decode step of a throw-away sequence: the compiled step compiles
-        here, before any request waits for it."""
-        seq = Sequence([0], 2, Sampling(0))
-        self.attach(seq)
-        try:
-            self.step([seq], [])
-        finally:
-            self.release(seq)
+        """Prefill and decode throw-away sequences so the compiled step compiles here, before any
+        request waits for it: one step of one sequence, and, decoding only the running rows (the
+        batch size changes), one of two, which gives the graph every larger batch reuses."""
+        for n in (1,) if self.batch_invariant or self.max_batch < 2 else (1, 2):
+            seqs = [Sequence([0], 2, Sampling(0)) for _ in range(n)]
+            for seq in seqs:
+                self.attach(seq)
+            try:
+                self.step(seqs, [])
+            finally:
+                for seq in seqs:
+                    self.release(seq)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
