@@ -157,6 +157,45 @@ def test_planted_code_in_a_sharded_checkpoint_never_runs(tmp_path, legacy_run, c
     assert "Traceback" not in err
 
 
+def _retarget(md, edit):
+    """Apply `edit` to the first storage entry of the model's embedding (allow-listed classes only)."""
+    import dataclasses as dc
+
+    index = next(i for i in md.storage_data if i.fqn == "model.tok_emb.weight")
+    md.storage_data[index] = dc.replace(md.storage_data[index], **edit)
+    return md
+
+
+def _rename_key(md):
+    md.state_dict_metadata["model.planted.weight"] = md.state_dict_metadata.pop("model.tok_emb.weight")
+    return md
+
+
+# every check made after unpickling, each reached by metadata built from allow-listed classes only
+# (so the unpickler lets it through, and only that check stands between it and DCP's loader)
+FORGED = {
+    "path_outside": (lambda md: _retarget(md, {"relative_path": "../../victim.distcp"}), "not a shard file"),
+    "shard_missing": (lambda md: _retarget(md, {"relative_path": "__7_0.distcp"}), "missing or not a regular file"),
+    "negative_offset": (lambda md: _retarget(md, {"offset": -1}), "invalid offset"),
+    "foreign_key": (_rename_key, "not a tensor of this model"),
+}
+
+
+@pytest.mark.parametrize("forged", FORGED)
+def test_metadata_of_allowed_classes_is_still_checked_entry_by_entry(tmp_path, legacy_run, capsys, forged):
+    from llmlab.training.dcp_legacy import read_metadata_pickle
+
+    edit, says = FORGED[forged]
+    md = edit(pickle.loads((legacy_run / "last" / "dcp" / ".metadata").read_bytes()))  # our own file
+    run = _planted(tmp_path, legacy_run, pickle.dumps(md))
+    read_metadata_pickle(run / "last" / "dcp" / ".metadata")  # the exact allow-list lets it through
+    code = cli(DOORS["convert"](run, tmp_path))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 0, err
+    assert "invalid metadata" in err and says in err, err
+    assert not (tmp_path / "single").exists()
+
+
 def test_sharded_folder_with_foreign_files_is_refused(tmp_path, sharded_run, capsys):
     import shutil
 
