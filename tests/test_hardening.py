@@ -47,7 +47,7 @@ def test_off_grid_resume_evaluates_and_saves_where_an_uninterrupted_run_does(tmp
     summary = train(TrainArgs(out=str(run), max_iters=then, eval_interval=100, resume=True, **TINY))
     assert summary["step"] == then and summary["val_loss"] is not None
     want = sorted({0, first, then} | set(range(0, then + 1, 100)))
-    assert sorted(losses(run, "val_loss")) == want
+    assert [r["step"] for r in records(run) if "val_loss" in r] == want  # each eval once, in order
     assert json.loads((run / "last" / "config.json").read_text())["state"]["step"] == then
 
 
