@@ -32,8 +32,7 @@ def test_deepseek_v2_cache_ratio_is_keys_and_values():
 def test_ladder_prose_states_no_measured_numbers_or_settings():
     prose = BLOCK.sub("", LADDER.read_text())
     assert not re.search(r"\d+ steps of \d+ x \d+", prose)  # the settings are filled from results.json
-    # no losses outside the blocks ("val loss 2.28", "1.94–1.97 nats/token", "plateau early (2.92)")
-    assert not re.search(r"(loss|plateau)[^\n]{0,60}?\b[1-9]\.\d{2,}|\b[1-9]\.\d{2,}[^\n]{0,20}nats", prose)
+    assert not re.search(r"\b[1-9]\.\d{2,}\b", prose)  # no measured numbers (2.28, 1.94, 1.12 ...) outside the blocks
     assert not re.search(r"\d[\d,]* (train )?tokens/s", prose)  # nor speeds
     names = set(re.findall(r"<!-- numbers:([\w-]+) -->", LADDER.read_text()))
     from llmlab.presets import PRESETS
