@@ -175,12 +175,13 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from llmlab.data import encode_corpus, load_text, split_ids
     from llmlab.run_loader import load_run
     from llmlab.training.evaluate import consecutive_windows, mean_loss
+    from llmlab.training.plan import BUILTIN_DATA
 
     (a,) = split(ns, EvalArgs)
     model, tok = load_run(ns.run_dir, a.device)
     meta = read_meta(resolve_checkpoint(ns.run_dir))
     data = a.data if a.data is not None else meta["train"].get("data")
-    if a.data is None and data not in (None, "shakespeare") and not Path(data).exists():
+    if a.data is None and data not in BUILTIN_DATA and not Path(data).exists():
         sha = meta["state"].get("data_sha256")
         raise LlmlabError(f"this run was trained on {data}{f' (sha256 {sha})' if sha else ''}, which is missing; "
                           "pass --data PATH to evaluate on a copy of it (or on other text)")

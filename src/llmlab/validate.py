@@ -4,6 +4,7 @@ TypeError deep inside training or model construction."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -42,15 +43,21 @@ def _ok(value: Any, accepted: tuple[type, ...]) -> bool:
     return isinstance(value, accepted)
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    """cls's resolved field types, once per class (resolving them is most of a check's cost)."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved: check names only
+        return {}
+
+
 def check_fields(cls: type, values: dict[str, Any], where: str, required: bool = False) -> dict[str, Any]:
     """Check `values` against the dataclass `cls`'s field types: unknown keys, wrong types,
     non-finite floats and (if `required`) missing fields are one LlmlabError naming `where`."""
     if not isinstance(values, dict):
         raise LlmlabError(f"{where}: expected a table of settings, got {type(values).__name__}")
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # an annotation that cannot be resolved: check names only
-        hints = {}
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from llmlab import lora
 from llmlab.config import ModelConfig
-from llmlab.errors import LlmlabError
+from llmlab.errors import LlmlabError, one_line
 from llmlab.lora import LoraSettings
 from llmlab.model import Transformer
 from llmlab.runtime import Runtime
@@ -142,7 +142,7 @@ def _built(config: ModelConfig, seed: int, start: Optional[Callable[[], dict]] =
             model.load_state_dict(start())
         except RuntimeError as e:  # a source whose weights do not fit its own config
             raise LlmlabError(f"--init-from: the source's weights do not fit its model config "
-                              f"({str(e).splitlines()[0]}); restore it or pass another source") from None
+                              f"({one_line(e)}); restore it or pass another source") from None
     return lora.inject(model, adapters) if adapters is not None else model
 
 
