@@ -81,22 +81,31 @@ def test_chat_uses_the_default_template_streamed_or_not(client, reference):
     assert stream[-1].choices[0].finish_reason == msg.finish_reason
 
 
-def test_stop_strings_cut_the_text_and_say_stop(client, reference):
+def test_stop_strings_cut_the_text_and_say_stop(client, reference, served):
+    """The text ends before the stop string; the engine, which goes on meanwhile, is told to drop
+    the request: it stops long before max_tokens (a few steps late at most: the server's side saw the
+    stop string while the engine stepped on), and its blocks come back."""
     prompt = "Once upon a time"
     text = reference(prompt, 40)
     i = next(i for i in range(8, len(text) - 2) if "\ufffd" not in text[i:i + 2] and text[i:i + 2].strip())
     stop = text[i:i + 2]
     first = text.find(stop)
+    budget = 100  # max_tokens: far more than the stop string needs (the engine would decode budget - 1)
+    server = served[0]
     for stream in (False, True):
+        decoded = server.metrics()["llmlab_decode_batch_size_sum"]
         if stream:
-            chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0,
-                                                    stop=[stop, "never-there"], stream=True))
+            chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=budget,
+                                                    temperature=0, stop=[stop, "never-there"], stream=True))
             got = "".join(c.choices[0].text for c in chunks)
             reason = chunks[-1].choices[0].finish_reason
         else:
-            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0, stop=stop)
+            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=budget, temperature=0, stop=stop)
             got, reason = out.choices[0].text, out.choices[0].finish_reason
         assert (got, reason) == (text[:first], "stop"), stream
+        m = server.wait_metric("llmlab_requests_running", 0)
+        assert m["llmlab_cache_free_blocks"] == m["llmlab_cache_blocks"]
+        assert m["llmlab_decode_batch_size_sum"] - decoded < budget - 1  # the engine was told to stop
 
 
 def test_models_and_metrics(client, served):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import threading
 import time
@@ -212,3 +213,71 @@ def test_sigterm_finishes_the_streams_in_flight_refuses_new_ones_and_exits_0(tmp
     assert got[:2] == want[:2] and got[1] == "length" and got[2][-1] == "[DONE]"  # finished whole
     assert s.proc.wait(30) == 0
     assert "Traceback" not in s.output()
+
+
+def _engines(pid: int) -> list[int]:
+    """PIDs of the multiprocessing children `pid` spawned (Linux /proc; multiprocessing's resource
+    tracker, a child too, is left out)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+                cmdline = open(f"/proc/{d}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+                out.append(int(d))
+    return out
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    """Whether `pid` ended (or is a zombie nobody reaps) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads processes from Linux's /proc")
+def test_the_engine_process_ends_with_the_server_even_when_it_is_killed(tmp_path):
+    """The model runs in a child process of the server's; SIGKILL of the server (no drain, no
+    goodbye) ends it too: the pipe's end is its signal, no orphan keeps the model's memory."""
+    s = Server(tiny_run(tmp_path / "r"), log=tmp_path / "server.log")
+    try:
+        engines = _engines(s.proc.pid)
+        assert len(engines) == 1, engines
+        assert post(s.url + "/v1/completions", {"model": "r", "prompt": "a", "max_tokens": 3})[0] == 200
+    finally:
+        s.stop(signal.SIGKILL)
+    assert _gone(engines[0], 20)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads processes from Linux's /proc")
+def test_an_engine_that_dies_ends_its_streams_with_an_error_and_health_says_so(tmp_path):
+    run = tiny_run(tmp_path / "r", block_size=1024)
+    s = Server(run, log=tmp_path / "server.log")
+    try:
+        (engine,) = _engines(s.proc.pid)
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"model": "r", "prompt": "x", "max_tokens": 900,
+                                                           "stream": True, "temperature": 0}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.readline().startswith(b"data: {")  # streaming
+        os.kill(engine, signal.SIGKILL)
+        events = [line[6:].strip() for line in resp if line.startswith(b"data: ")]  # to the stream's end
+        assert json.loads(events[-2])["error"]["type"] == "server_error" and events[-1] == b"[DONE]"
+        conn.close()
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            urllib.request.urlopen(s.url + "/health", timeout=10)
+        status, out, _ = post(s.url + "/v1/completions", {"model": "r", "prompt": "a", "max_tokens": 3})
+        assert status == 503 and "engine stopped" in out["error"]["message"]
+    finally:
+        assert s.stop() == 0, s.output()
+    assert "the engine process stopped" in s.output() and "Traceback" not in s.output()

@@ -82,6 +82,93 @@ def test_a_stop_id_ends_a_sequence_and_a_small_pool_is_reused():
     assert Sequence(p, 3, tokens=[1, 2, 3]).finish_reason == "length"
 
 
+def drive(sched, ident_seqs, steps=10_000):
+    """Run the scheduler until idle; every emit as (outputs, decoded) in order."""
+    from llmlab.serve.scheduler import Scheduler  # noqa: F401 - the type driven
+
+    emitted = []
+    for ident, seq in ident_seqs:
+        sched.add(ident, seq)
+    while sched.busy and steps:
+        sched.step(lambda out, decoded: emitted.append((out, decoded)))
+        steps -= 1
+    return emitted
+
+
+def test_the_scheduler_streams_generates_tokens_first_tokens_before_any_decode():
+    """Each request's outputs joined are llmlab.generate's tokens; a newcomer's first token is
+    emitted by itself, right after its prefill and before the decode of that step (the time to the
+    first token holds no decode); the batch's sequences are decoded together."""
+    from llmlab.serve.scheduler import Scheduler
+
+    model = model_for()
+    ps, lengths = prompts(5), [3, 9, 5, 12, 7]
+    sched = Scheduler(Engine(model, 3, 96))
+    emitted = drive(sched, [(i, Sequence(p, n, Sampling(0))) for i, (p, n) in enumerate(zip(ps, lengths))])
+    got = {i: [] for i in range(5)}
+    reasons = {}
+    for out, _ in emitted:
+        for o in out:
+            got[o.ident] += o.tokens
+            if o.reason:
+                reasons[o.ident] = o.reason
+    assert [got[i] for i in range(5)] == [generate(model, [p], n, temperature=0)[0][len(p):].tolist()
+                                         for p, n in zip(ps, lengths)]
+    assert reasons == {i: "length" for i in range(5)}
+    first, first_decode = emitted[0], emitted[1]
+    assert first[1] == 0 and [o.ident for o in first[0]] == [0, 1, 2]  # three rows: three prefills
+    assert first_decode[1] == 3 and len(first_decode[0]) == 3
+    assert sched.engine.cache.num_free_blocks == sched.engine.total_blocks and not sched.running
+
+
+def test_the_scheduler_admits_by_blocks_and_an_abort_frees_them():
+    """A pool of 8 blocks of 16: a request of 100 tokens (7 blocks) runs, a second one waits for
+    its blocks although a row is free; aborting the first admits the second at the next step; an
+    aborted waiting request never runs; the pool is whole at the end."""
+    from llmlab.serve.scheduler import Scheduler
+
+    engine = Engine(model_for(), 2, 96, num_blocks=8)
+    sched = Scheduler(engine)
+    long = lambda: Sequence(prompts(1)[0][:30], 70, Sampling(0))  # noqa: E731 - 100 tokens: 7 blocks
+    emitted = []
+    emit = lambda out, decoded: emitted.append(out)  # noqa: E731
+    sched.add(0, long())
+    sched.add(1, long())
+    sched.add(2, long())
+    sched.step(emit)
+    assert list(sched.running) == [0] and [w[0] for w in sched.waiting] == [1, 2]
+    assert engine.cache.num_free_blocks < 8
+    sched.abort(2)  # waiting: dropped
+    sched.abort(0)  # running: its row and blocks back
+    assert engine.cache.num_free_blocks == 8 and sched.committed == 0
+    sched.step(emit)
+    assert list(sched.running) == [1] and not sched.waiting
+    sched.abort(7)  # unknown (finished meanwhile): ignored
+    emitted.clear()
+    while sched.busy:
+        sched.step(emit)
+    assert {o.ident for out in emitted for o in out} == {1} and emitted[-1][-1].reason == "length"
+    assert engine.cache.num_free_blocks == 8 and len(engine.free_rows) == 2
+
+
+def test_a_failed_step_ends_its_requests_with_error_and_the_scheduler_goes_on(monkeypatch, caplog):
+    from llmlab.serve.scheduler import Scheduler
+
+    engine = Engine(model_for(), 2, 96)
+    sched = Scheduler(engine)
+    p = prompts(1)[0]
+    real = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda seqs: (_ for _ in ()).throw(RuntimeError("out of\nmemory")))
+    emitted = drive(sched, [(0, Sequence(p, 5, Sampling(0))), (1, Sequence(p, 5, Sampling(0)))])
+    assert emitted[-1] == ([(0, [], "error"), (1, [], "error")], 0)
+    assert "engine step failed (RuntimeError: out of memory); ending 2 request(s)" in caplog.text
+    assert engine.cache.num_free_blocks == engine.total_blocks and len(engine.free_rows) == 2
+    monkeypatch.setattr(engine, "decode", real)
+    emitted = drive(sched, [(2, Sequence(p, 5, Sampling(0)))])
+    assert [t for out, _ in emitted for o in out for t in o.tokens] == \
+        generate(engine.model, [p], 5, temperature=0)[0][len(p):].tolist()
+
+
 def test_the_compiled_engine_is_one_graph_with_the_eager_tokens(monkeypatch):
     """compile=True: the decode step of all rows through torch.compile (dynamo's eager backend:
     tracing is what is checked) gives the eager engine's tokens, without recompiling as sequences
@@ -155,7 +242,7 @@ def test_an_hf_folder_chat_template_gives_transformers_ids(tmp_path):
     transformers = pytest.importorskip("transformers")
     from llmlab.hf import _save_hf_tokenizer
     from llmlab.serve.chat import load_template
-    from llmlab.serve.server import load_served
+    from llmlab.serve.loading import load_served
 
     cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                                    intermediate_size=64, vocab_size=256, max_position_embeddings=64, eos_token_id=7)

@@ -25,7 +25,7 @@ from llmlab.serve import page
 from llmlab.serve.chat import ChatTemplate
 from llmlab.serve.engine import Sampling, Sequence
 from llmlab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
-from llmlab.serve.scheduler import Request as Job, Scheduler
+from llmlab.serve.client import EngineClient, Request as Job
 from llmlab.serve.text import TextStream
 
 PUBLIC_PATHS = ("/health", "/")
@@ -79,11 +79,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def build_app(served: Served, scheduler: Scheduler, api_key: Optional[str] = None, max_body: int = 1 << 20):
+def build_app(served: Served, engine: EngineClient, api_key: Optional[str] = None, max_body: int = 1 << 20):
     async def lifespan(app):
-        scheduler.start()
+        engine.start()
         yield
-        await scheduler.stop()
+        await engine.stop()
 
     app = FastAPI(title="llmlab serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
@@ -102,13 +102,14 @@ def build_app(served: Served, scheduler: Scheduler, api_key: Optional[str] = Non
 
     @app.get("/health")
     async def health():
-        if scheduler.draining:
-            return JSONResponse({"status": "shutting down"}, status_code=503)
+        if engine.draining or engine.dead:
+            return JSONResponse({"status": "shutting down" if engine.draining else "engine stopped"},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return Response(scheduler.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(engine.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
@@ -119,7 +120,7 @@ def build_app(served: Served, scheduler: Scheduler, api_key: Optional[str] = Non
     async def completions(request: Request):
         req = parse(CompletionRequest, await read_body(request, max_body))
         prompt = _completion_ids(served, req.prompt)
-        return await _run(request, served, scheduler, req, prompt, chat=False)
+        return await _run(request, served, engine, req, prompt, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -129,10 +130,10 @@ def build_app(served: Served, scheduler: Scheduler, api_key: Optional[str] = Non
             text = served.template.render(messages)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
-        return await _run(request, served, scheduler, req, _encode(served, text, "messages"), chat=True)
+        return await _run(request, served, engine, req, _encode(served, text, "messages"), chat=True)
 
     guarded = Guard(app, api_key)
-    guarded.scheduler = scheduler
+    guarded.engine = engine
     return guarded
 
 
@@ -161,8 +162,8 @@ def _completion_ids(served: Served, prompt) -> list[int]:
     return list(prompt)
 
 
-def _job(served: Served, scheduler: Scheduler, req, prompt: list[int], chat: bool) -> Job:
-    """The scheduler's request, every size checked (400 for what can never run)."""
+def _job(served: Served, engine: EngineClient, req, prompt: list[int], chat: bool) -> Job:
+    """The engine request, every size checked (400 for what can never run)."""
     room = served.max_len - len(prompt)
     if room < 1:
         raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's context is {served.max_len} tokens "
@@ -174,7 +175,7 @@ def _job(served: Served, scheduler: Scheduler, req, prompt: list[int], chat: boo
                             f"max_tokens asks for {asked}: ask for at most {room}", param="max_tokens",
                        code="context_length_exceeded")
     max_tokens = asked if asked is not None else room if chat else min(DEFAULT_COMPLETION_TOKENS, room)
-    blocks, pool = scheduler.blocks_needed(len(prompt), max_tokens), scheduler.engine.total_blocks
+    blocks, pool = engine.blocks_needed(len(prompt), max_tokens), engine.total_blocks
     if blocks > pool:
         raise ApiError(400, f"prompt + max_tokens need {blocks} cache blocks; the server's pool has {pool}: ask for "
                             "fewer tokens", param="max_tokens", code="context_length_exceeded")
@@ -183,19 +184,19 @@ def _job(served: Served, scheduler: Scheduler, req, prompt: list[int], chat: boo
     return Job(Sequence(prompt, max_tokens, sampling, served.stop_ids), TextStream(served.tokenizer, stops))
 
 
-async def _run(request: Request, served: Served, scheduler: Scheduler, req, prompt: list[int], chat: bool):
+async def _run(request: Request, served: Served, engine: EngineClient, req, prompt: list[int], chat: bool):
     if req.model != served.name:
         raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {served.name!r}",
                        param="model", code="model_not_found")
-    job = _job(served, scheduler, req, prompt, chat)
-    scheduler.submit(job)
+    job = _job(served, engine, req, prompt, chat)
+    engine.submit(job)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     shape = _Shape(ident, served.name, chat)
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_sse(scheduler, job, shape, usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(engine, job, shape, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _whole(request, scheduler, job, shape)
+    return await _whole(request, engine, job, shape)
 
 
 class _Shape:
@@ -245,7 +246,7 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(scheduler: Scheduler, job: Job, shape: _Shape, usage: bool) -> AsyncIterator[str]:
+async def _sse(engine: EngineClient, job: Job, shape: _Shape, usage: bool) -> AsyncIterator[str]:
     done = False
     try:
         if shape.chat:
@@ -266,10 +267,10 @@ async def _sse(scheduler: Scheduler, job: Job, shape: _Shape, usage: bool) -> As
         done = True
     finally:  # the client went away (the generator is cancelled or closed): free its row
         if not done:
-            scheduler.cancel(job)
+            engine.cancel(job)
 
 
-async def _whole(request: Request, scheduler: Scheduler, job: Job, shape: _Shape) -> Response:
+async def _whole(request: Request, engine: EngineClient, job: Job, shape: _Shape) -> Response:
     """Wait for the whole answer; a client that disconnects meanwhile is cancelled."""
     gone = asyncio.ensure_future(_disconnected(request))
     parts = []
@@ -279,7 +280,7 @@ async def _whole(request: Request, scheduler: Scheduler, job: Job, shape: _Shape
             finished, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
             if get not in finished:
                 get.cancel()
-                scheduler.cancel(job)
+                engine.cancel(job)
                 return Response(status_code=499)  # nobody reads it
             delta, reason = get.result()
             if reason in ("cancelled", "error"):
@@ -289,7 +290,7 @@ async def _whole(request: Request, scheduler: Scheduler, job: Job, shape: _Shape
                 return JSONResponse(shape.whole("".join(parts), reason, _usage(job)))
     finally:
         gone.cancel()
-        scheduler.cancel(job)  # a no-op once finished; a handler cancelled at shutdown frees its row
+        engine.cancel(job)  # a no-op once finished; a handler cancelled at shutdown frees its row
 
 
 async def _disconnected(request: Request) -> None:

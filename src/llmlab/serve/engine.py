@@ -1,8 +1,8 @@
 """The model side of the server: a paged cache, one row per running sequence, and one step that
 prefills the newcomers and then decodes every running sequence once.
 
-Everything here runs on the scheduler's one worker thread (llmlab.serve.scheduler); nothing here
-knows about HTTP, text or time.
+Everything here runs in the engine process (llmlab.serve.core), driven by its scheduler
+(llmlab.serve.scheduler); nothing here knows about HTTP, text or time.
 
 Why every decode forward has the same shape. A row's logits must not depend on which other
 requests share its batch: a seeded request gets the same tokens alone or in any batch, and a
@@ -111,15 +111,23 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, newcomers: Seq[Sequence], running: Seq[Sequence]) -> None:
-        """Prefill each newcomer (alone) and sample its first token, then decode every sequence of
-        `running` + `newcomers` that is not done by one token. Appends to each one's `tokens` and
-        sets `done` on a stop id or at max_tokens."""
-        model = self.model
+        """Prefill each newcomer and sample its first token, then decode every sequence of
+        `running` + `newcomers` that is not done by one token."""
+        self.prefill(newcomers)
+        self.decode([s for s in (*running, *newcomers) if not s.done])
+
+    @torch.no_grad()
+    def prefill(self, newcomers: Seq[Sequence]) -> None:
+        """Each newcomer's prompt (alone: batch 1, its own length) and its first token."""
         for seq in newcomers:
             ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
-            logits = model(ids, step=self.cache.step([seq.row], [len(seq.prompt)]))[:, -1]
+            logits = self.model(ids, step=self.cache.step([seq.row], [len(seq.prompt)]))[:, -1]
             self._sample([seq], logits)
-        decoding = [s for s in (*running, *newcomers) if not s.done]
+
+    @torch.no_grad()
+    def decode(self, decoding: Seq[Sequence]) -> None:
+        """One token for each of `decoding` (none done). Appends to each one's `tokens` and sets
+        `done` on a stop id or at max_tokens."""
         self.decoded = len(decoding)  # sequences in this step's decode forward
         if not decoding:
             return

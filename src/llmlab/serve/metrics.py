@@ -13,16 +13,17 @@ RATE_WINDOW_S = 10.0
 
 
 class Metrics:
-    def __init__(self, scheduler):
+    def __init__(self, client):
+        """`client`: the EngineClient; the engine's counts are the last ones it sent."""
         self.registry = r = CollectorRegistry()
-        s = scheduler
+        c = client
         Gauge("llmlab_requests_running", "requests in the running batch", registry=r).set_function(
-            lambda: len(s.running))
+            lambda: c.stats.running)
         Gauge("llmlab_requests_waiting", "requests queued for a cache row", registry=r).set_function(
-            lambda: len(s.waiting))
+            lambda: c.stats.waiting)
         Gauge("llmlab_cache_free_blocks", "free blocks of the paged cache", registry=r).set_function(
-            lambda: s.engine.cache.num_free_blocks)
-        Gauge("llmlab_cache_blocks", "blocks of the paged cache", registry=r).set(s.engine.total_blocks)
+            lambda: c.stats.free_blocks)
+        Gauge("llmlab_cache_blocks", "blocks of the paged cache", registry=r).set(c.total_blocks)
         Gauge("llmlab_generation_tokens_per_second", f"tokens generated per second over the last {RATE_WINDOW_S:g} s",
               registry=r).set_function(self.tokens_per_s)
         self.prompt_tokens = Counter("llmlab_prompt_tokens", "prompt tokens prefilled", registry=r)
