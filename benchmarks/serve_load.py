@@ -5,6 +5,7 @@ request.
 
     python benchmarks/serve_load.py [--requests 64] [--new-tokens 128] [--prompt-lens 16,64]
         [--clients 1,4,16,32] [--max-batch 32] [--threads 1] [--rounds 2] [--modes invariant,rows] [--compile]
+        [--no-hf] [--no-engine]
 
 Model: the Llama shape of `llmlab bench decode` (4 layers, d_model 256, 8 heads, 2 KV heads,
 SwiGLU 688, RoPE, vocab 512), random weights shared with a `transformers.LlamaForCausalLM`, and a
@@ -15,11 +16,15 @@ Contestants, each in a process of its own, turns alternating round after round: 
 every row decoded each step (`invariant`, the default) and with only the running rows decoded
 (`rows`, --no-batch-invariant), each at every client count (a client sends its next request when
 its stream ends; c clients share the request list); HF `generate()` and `llmlab.generate()` (the
-dense cache, batch 1) one request at a time. Every process gets --threads torch threads (the
+dense cache, batch 1) one request at a time; and the engine alone: the server's scheduler and
+engine driven in-process by the same closed-loop clients, no HTTP and no second process (running
+rows decoded), which is as fast as the server could be on this machine. Every process gets
+--threads torch threads (a server is two: its HTTP process and its engine process; the
 load-generating client runs in this process beside them). For each: tokens/s over the whole
 list, TTFT (request sent -> first token) and the gaps between a request's tokens, medians over
-rounds of the per-round percentiles. Prints a table and, last, a JSON line. Target: at 16 clients
->= 6x the one-at-a-time tokens/s, with p99 inter-token latency under 4x one client's.
+rounds of the per-round percentiles, and whether every reply is llmlab.generate's greedy text.
+Prints a table and, last, a JSON line. Target: at 16 clients >= 6x the one-at-a-time tokens/s,
+with p99 inter-token latency under 4x one client's.
 """
 from __future__ import annotations
 
@@ -58,7 +63,9 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="servers and llmlab.generate with the compiled decode step")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="skip HF generate")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker", choices=["hf", "generate"], help=argparse.SUPPRESS)
+    p.add_argument("--no-engine", dest="engine", action="store_false",
+                   help="skip the engine alone (the scheduler in-process, no HTTP)")
+    p.add_argument("--worker", choices=["hf", "generate", "engine"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -92,11 +99,52 @@ def summary(times: list[list[float]], starts: list[float], wall: float) -> dict:
 
 
 # ---- in-process workers: one request at a time ----------------------------------------------------
+def engine_alone(directory: Path, spec: dict) -> int:
+    """The engine process's loop without its process or any HTTP: llmlab.serve's Scheduler driven
+    in-process by c closed-loop "clients" (a finished request is replaced by the next), decoding
+    the running rows: what the server could reach on this machine."""
+    import llmlab
+    from llmlab.serve.engine import Engine, Sampling, Sequence
+    from llmlab.serve.scheduler import Scheduler
+
+    model = llmlab.load(directory / "run", runtime={"cache": "paged", "compile": spec["compile"]})
+    reqs, new, max_len = spec["requests"], spec["new_tokens"], spec["max_len"]
+    out = {}
+    for c in spec["clients"]:
+        sched = Scheduler(Engine(model, spec["max_batch"], max_len, batch_invariant=False))
+        if spec["compile"]:
+            sched.engine.warm_up()
+        todo, starts, times = list(range(len(reqs))), {}, {i: [] for i in range(len(reqs))}
+
+        def send(i: int) -> None:
+            starts[i] = time.perf_counter()
+            sched.add(i, Sequence(reqs[i], new, Sampling(0)))
+
+        def emit(outputs, _decoded) -> None:
+            now = time.perf_counter()
+            for o in outputs:
+                times[o.ident] += [now] * len(o.tokens)
+                if o.reason and todo:
+                    send(todo.pop(0))
+        t0 = time.perf_counter()
+        for _ in range(min(c, len(todo))):
+            send(todo.pop(0))
+        while sched.busy:
+            sched.step(emit)
+        wall = time.perf_counter() - t0
+        out[str(c)] = summary([times[i] for i in range(len(reqs))], [starts[i] for i in range(len(reqs))], wall)
+    print(json.dumps(out))
+    return 0
+
+
 def worker(kind: str, directory: Path) -> int:
     import torch
 
     spec = json.loads((directory / "requests.json").read_text())
     new = spec["new_tokens"]
+    if kind == "engine":
+        with torch.no_grad():
+            return engine_alone(directory, spec)
     if kind == "hf":
         import transformers
 
@@ -246,7 +294,8 @@ def main(argv=None) -> int:
         prepare(d, max_len, a.seed)
         requests = make_requests(a.requests, lens, VOCAB, a.seed)
         (d / "requests.json").write_text(json.dumps({"requests": requests, "new_tokens": a.new_tokens,
-                                                     "compile": a.compile}))
+                                                     "compile": a.compile, "clients": clients,
+                                                     "max_batch": a.max_batch, "max_len": max_len}))
         servers = {m: Server(d, m, a.max_batch, max_len, a.threads, a.compile) for m in modes}
         try:
             for s in servers.values():  # warm-up (first-call allocations)
@@ -261,6 +310,9 @@ def main(argv=None) -> int:
                 for kind in (["hf"] if a.hf else []) + ["generate"]:
                     name = "HF generate(), one at a time" if kind == "hf" else "llmlab.generate(), one at a time"
                     rounds.setdefault(name, []).append(run_worker(kind, d, a.threads))
+                if a.engine:
+                    for c, result in run_worker("engine", d, a.threads).items():
+                        rounds.setdefault(f"engine alone (rows), {c} client{'s' * (int(c) > 1)}", []).append(result)
         finally:
             for s in servers.values():
                 s.stop()
@@ -274,15 +326,17 @@ def report(rounds: dict[str, list[dict]], clients: list[int], modes: list[str], 
           f"{a.prompt_lens.replace(',', '-')} tokens, --max-batch {a.max_batch}, {a.threads} torch thread(s), "
           f"{'compiled' if a.compile else 'eager'}, "
           f"median of {a.rounds} round(s)")
-    print("| contestant | tokens/s | vs 1 client | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | same tokens "
-          "| client CPU |")
+    print("| contestant | tokens/s | vs 1 client | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) "
+          "| same as generate | client CPU |")
     print("|---|---|---|---|---|---|---|")
+    # llmlab.generate's greedy tokens as the server's text (token i is the character U+0100 + i)
+    gen = rounds.get("llmlab.generate(), one at a time")
+    want = ["".join(chr(0x100 + t) for t in ids) for ids in gen[0]["outputs"]] if gen else None
     for name, m in med.items():
-        mode = next((x for x in modes if f"({x})" in name), modes[0] if modes else None)
-        one = med.get(f"serve ({mode}), 1 client")
-        ratio = f"{m['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one and name.startswith("serve") else ""
-        same = "" if not one or not name.startswith("serve") else \
-            all(r["outputs"] == rounds[f"serve ({mode}), 1 client"][0]["outputs"] for r in rounds[name])
+        kind = name.split(",")[0]  # "serve (rows)", "engine alone (rows)", ...
+        one = med.get(f"{kind}, 1 client")
+        ratio = f"{m['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else ""
+        same = all(r["outputs"] == want for r in rounds[name]) if want and name.startswith("serve") else ""
         cpu = f"{m['client_cpu']:.0%}" if "client_cpu" in m else ""
         print(f"| {name} | {m['tokens_per_s']:,.0f} | {ratio} | {m['ttft_p50'] * 1e3:.1f} / {m['ttft_p99'] * 1e3:.1f} | "
               f"{m['itl_p50'] * 1e3:.1f} / {m['itl_p99'] * 1e3:.1f} | {same} | {cpu} |")

@@ -28,6 +28,7 @@ from llmlab.serve.text import TextStream
 log = logging.getLogger("llmlab.serve")
 RETRY_AFTER_S = 1
 STOP_TIMEOUT_S = 30
+MESSAGES_PER_TURN = 32  # engine messages handled before the event loop's other work runs
 
 
 class Request:
@@ -148,7 +149,9 @@ class EngineClient:
 
     def _on_readable(self) -> None:
         try:
-            while not self.dead and self.conn.poll():
+            for _ in range(MESSAGES_PER_TURN):  # then the loop's other work gets a turn: the rest waits
+                if self.dead or not self.conn.poll():
+                    break
                 _, outputs, stats = self.conn.recv()
                 self._hand_out(outputs, stats)
         except (EOFError, OSError):
