@@ -281,3 +281,27 @@ def test_an_engine_that_dies_ends_its_streams_with_an_error_and_health_says_so(t
     finally:
         assert s.stop() == 0, s.output()
     assert "the engine process stopped" in s.output() and "Traceback" not in s.output()
+
+
+@pytest.mark.slow
+def test_the_load_benchmark_runs_and_the_server_replies_are_generates(tmp_path):
+    """benchmarks/serve_load.py at a tiny size: the server (running rows) against llmlab.generate
+    and the engine alone; its last line is JSON with every contestant, and its table says each
+    server reply was llmlab.generate's greedy text."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    pytest.importorskip("transformers", reason="the benchmark shares its weights with transformers: pip install -e '.[hf]'")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--requests", "4",
+                           "--new-tokens", "8", "--clients", "1,2", "--rounds", "1", "--modes", "rows", "--no-hf"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    results = json.loads(lines[-1])["results"]
+    assert set(results) == {"serve (rows), 1 client", "serve (rows), 2 clients", "llmlab.generate(), one at a time",
+                            "engine alone (rows), 1 client", "engine alone (rows), 2 clients"}
+    assert all(r["tokens"] == 4 * 8 for r in results.values())
+    served = [line for line in lines if line.startswith("| serve (rows)")]
+    assert len(served) == 2 and all(line.split("|")[6].strip() == "True" for line in served), served
