@@ -82,6 +82,37 @@ def test_a_stop_id_ends_a_sequence_and_a_small_pool_is_reused():
     assert Sequence(p, 3, tokens=[1, 2, 3]).finish_reason == "length"
 
 
+def test_the_batch_is_sampled_in_one_pass_each_row_as_sample_next_alone():
+    """Engine._sample over rows of mixed settings (greedy, temperature, top-k, top-p, both, a tiny
+    temperature, filters that keep everything) gives each row exactly the probabilities and the draw
+    sample_next gives that row alone with a generator seeded the same (filters batched, draws per row)."""
+    from llmlab.generation import sample_next, sampling_probs
+
+    settings_ = [Sampling(0), Sampling(0.7), Sampling(1.0, top_k=5), Sampling(1.3, top_p=0.8),
+                 Sampling(0.9, top_k=40, top_p=0.5), Sampling(1e-300), Sampling(1.0, top_k=1000, top_p=1.0),
+                 Sampling(2.0, top_k=2), Sampling(1.0, top_p=0.95), Sampling(1.0)]
+    engine = Engine(model_for(), 2, 96)
+    logits = torch.randn(len(settings_), 256, generator=torch.Generator().manual_seed(3))
+    logits[-1] = 0.0
+    logits[-1, 7] = 30.0  # one token's float32 probability rounds to 1: the mass before the others is 1
+    drawn = [i for i, sp in enumerate(settings_) if sp.temperature]
+    batched = sampling_probs(logits[drawn], torch.tensor([settings_[i].temperature for i in drawn], dtype=torch.float64),
+                             torch.tensor([settings_[i].top_k or 256 for i in drawn]),
+                             torch.tensor([settings_[i].top_p or 1.0 for i in drawn]))
+    for j, i in enumerate(drawn):
+        sp = settings_[i]
+        assert torch.equal(batched[j:j + 1], sampling_probs(logits[i:i + 1], sp.temperature, sp.top_k, sp.top_p)), sp
+    for seed in range(20):
+        seqs = [Sequence([1], 10, sp) for sp in settings_]
+        for i, s in enumerate(seqs):
+            s.generator = torch.Generator().manual_seed(seed * 100 + i)
+        engine._sample(seqs, logits)
+        alone = [int(sample_next(logits[i:i + 1], sp.temperature, sp.top_k, sp.top_p,
+                                 torch.Generator().manual_seed(seed * 100 + i))) for i, sp in enumerate(settings_)]
+        assert [s.tokens[0] for s in seqs] == alone
+        assert seqs[0].tokens[0] == int(logits[0].argmax()) and seqs[5].tokens[0] == int(logits[5].argmax())
+
+
 def drive(sched, ident_seqs, steps=10_000):
     """Run the scheduler until idle; every emit as (outputs, decoded) in order."""
     from llmlab.serve.scheduler import Scheduler  # noqa: F401 - the type driven

@@ -25,22 +25,39 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     """logits (B, V) -> next ids (B,). temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature, top_k=None, top_p=None) -> torch.Tensor:
+    """logits (B, V) -> the probabilities to draw from (B, V): divided by the temperature (> 0),
+    then only the top_k most likely tokens, then the fewest most likely whose mass reaches top_p.
+    Each setting is one number for every row or a (B,) tensor, one per row (a row with top_k >= V
+    or top_p >= 1 keeps every token). Every operation works row by row, so a row's probabilities
+    are the same alone or beside others (the server samples its batch in one call)."""
+    b, v = logits.shape
     # shifted so the largest is 0 and divided in float64: a tiny temperature (1e-300, which float32
     # rounds to 0) sends the others to -inf (greedy in the limit) instead of the probabilities to NaN
+    t = temperature.to(torch.float64, copy=False)[:, None] if torch.is_tensor(temperature) else temperature
     logits = logits.double()
-    logits = ((logits - logits.max(dim=-1, keepdim=True).values) / temperature).float()
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # keep the smallest set of most likely tokens whose probability reaches top_p
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already >= p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logits = ((logits - logits.max(dim=-1, keepdim=True).values) / t).float()
+    if top_k is not None:
+        k = (top_k if torch.is_tensor(top_k) else torch.full((b,), top_k)).to(logits.device).clamp(max=v)
+        if bool((k < v).any()):
+            # a row with k = V compares with its smallest logit: it keeps every token
+            kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        p = (top_p if torch.is_tensor(top_p) else torch.full((b,), float(top_p))).to(logits)[:, None]
+        if bool((p < 1.0).any()):
+            # keep the smallest set of most likely tokens whose probability reaches top_p
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = F.softmax(sorted_logits, dim=-1)
+            # mass before this token already >= p (a row with p = 1 drops nothing, even where float32
+            # sums a probability to 1 early)
+            drop_sorted = (probs.cumsum(dim=-1) - probs >= p) & (p < 1.0)
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+    return F.softmax(logits, dim=-1)
 
 
 def _is_int(x) -> bool:

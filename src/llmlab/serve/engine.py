@@ -29,12 +29,12 @@ from typing import Optional, Sequence as Seq
 import torch
 
 from llmlab.compiled import DecodeStep
-from llmlab.generation import sample_next
+from llmlab.generation import sampling_probs
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Per-request sampling (llmlab.generation.sample_next's rules): temperature 0 is greedy."""
+    """Per-request sampling (llmlab.generation.sampling_probs's rules): temperature 0 is greedy."""
     temperature: float = 1.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
@@ -147,16 +147,24 @@ class Engine:
         self._sample(decoding, logits[[s.row for s in decoding]])
 
     def _sample(self, seqs: Seq[Sequence], logits: torch.Tensor) -> None:
-        """Next token of each sequence from its logits row, by its own rules and generator."""
+        """Next token of each sequence from its logits row, by its own rules and generator: one
+        argmax for the greedy rows, one filtering pass for the sampled ones (sampling_probs works
+        row by row), then each sampled row's draw from its own generator."""
+        picked = [0] * len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.sampling.temperature == 0]
-        picked = {}
-        if greedy:  # one argmax for all greedy rows
+        if greedy:
             for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
                 picked[i] = t
-        for i, s in enumerate(seqs):
-            if i not in picked:
-                sp = s.sampling
-                picked[i] = int(sample_next(logits[i:i + 1], sp.temperature, sp.top_k, sp.top_p, s.generator))
-        for i, s in enumerate(seqs):
-            s.tokens.append(picked[i])
-            s.done = picked[i] in s.stop_ids or len(s.tokens) >= s.max_tokens
+        drawn = [i for i, s in enumerate(seqs) if s.sampling.temperature != 0]
+        if drawn:
+            sp = [seqs[i].sampling for i in drawn]
+            vocab = logits.shape[-1]
+            probs = sampling_probs(
+                logits[drawn], torch.tensor([s.temperature for s in sp], dtype=torch.float64),
+                torch.tensor([s.top_k or vocab for s in sp]) if any(s.top_k for s in sp) else None,
+                torch.tensor([1.0 if s.top_p is None else s.top_p for s in sp]) if any(s.top_p for s in sp) else None)
+            for j, i in enumerate(drawn):
+                picked[i] = int(torch.multinomial(probs[j:j + 1], 1, generator=seqs[i].generator))
+        for s, tok in zip(seqs, picked):
+            s.tokens.append(tok)
+            s.done = tok in s.stop_ids or len(s.tokens) >= s.max_tokens
