@@ -15,7 +15,7 @@ from llmlab.model import Transformer
 from llmlab.presets import preset_config
 from llmlab.runtime import Runtime
 from llmlab.serve.engine import Engine, Sampling, Sequence
-from llmlab.serve.text import TextStream
+from llmlab.textstream import TextStream
 from llmlab.tokenizer import ByteTokenizer
 
 

@@ -27,25 +27,26 @@ def stream_text(model, tokenizer, prompt: Optional[str], max_new_tokens: int, te
                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
                 use_cache: Optional[bool] = None, compile: Optional[bool] = None,
                 cache: Optional[str] = None) -> Iterator[str]:
-    """Yield decoded text as tokens arrive. A multi-byte character split across tokens is held back
-    until it is complete (decoding it early would print a replacement character)."""
+    """Yield decoded text as tokens arrive (llmlab.textstream: incremental decoding; a multi-byte
+    character split across tokens is held back until it is complete)."""
+    from llmlab.textstream import TextStream
+
     ids = encode_prompt(tokenizer, prompt)
     stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     new: list[int] = []
-    shown = ""
+    text = TextStream(tokenizer)
     for tok in stream(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, seed,
                       stop_tokens=stops, use_cache=use_cache, compile=compile, cache=cache):
         t = int(tok[0])
         if t in stops:
             break
         new.append(t)
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd") and len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    text = tokenizer.decode(new)
-    if len(text) > len(shown):
-        yield text[len(shown):]
+        delta = text.feed(new)
+        if delta:
+            yield delta
+    delta = text.feed(new, final=True)
+    if delta:
+        yield delta
 
 
 def sample_text(model, tokenizer, prompt: Optional[str], max_new_tokens: int, **kwargs) -> str:

@@ -10,7 +10,6 @@
   loading.py    load a run or a Hugging Face folder, size the paged cache, build the engine
   scheduler.py  continuous batching: admission, joining and leaving between steps, aborts
   engine.py     the model and its paged cache: prefill newcomers, decode all, per-request sampling
-  text.py       tokens to streamed text, stop strings
   chat.py       chat templates: the model's own (sandboxed Jinja) or the default
   metrics.py    Prometheus metrics
   page.py       the chat page at / (static/chat.html)

@@ -26,7 +26,7 @@ from llmlab.serve.chat import ChatTemplate
 from llmlab.serve.engine import Sampling, Sequence
 from llmlab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
 from llmlab.serve.client import EngineClient, Request as Job
-from llmlab.serve.text import TextStream
+from llmlab.textstream import TextStream
 
 PUBLIC_PATHS = ("/health", "/")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for completions

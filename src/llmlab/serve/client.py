@@ -23,7 +23,7 @@ from llmlab.serve.engine import Sequence
 from llmlab.serve.metrics import Metrics
 from llmlab.serve.protocol import ApiError
 from llmlab.serve.scheduler import Output
-from llmlab.serve.text import TextStream
+from llmlab.textstream import TextStream
 
 log = logging.getLogger("llmlab.serve")
 RETRY_AFTER_S = 1
