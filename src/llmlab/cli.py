@@ -14,13 +14,6 @@ from llmlab.errors import LlmlabError
 from llmlab.fsutil import one_line
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse prints a usage block and exits; llmlab's rule is one `error: ...` line, exit 2."""
-
-    def error(self, message: str):
-        raise LlmlabError(f"{self.prog}: {message} (see `{self.prog} --help`)")
-
-
 def _train_parser(sub) -> None:
     from llmlab.settings import add_flags
     from llmlab.training.args import TrainArgs
@@ -36,9 +29,9 @@ def _train_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from llmlab.command_args import EvalArgs, RuntimeArgs, SampleArgs
-    from llmlab.settings import add_flags
+    from llmlab.settings import OneLineParser, add_flags
 
-    parser = _Parser(prog="llmlab", description="Build, train, sample and compare small LLMs.")
+    parser = OneLineParser(prog="llmlab", description="Build, train, sample and compare small LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     # SUPPRESS: flags not given stay out of the namespace, so the dataclasses' defaults apply

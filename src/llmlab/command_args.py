@@ -4,14 +4,11 @@ as dataclass fields: the CLI's flags are derived from them (llmlab.settings.add_
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from llmlab.runtime import CACHE_KINDS, DTYPES
-
-
-def _(default: Any, help: str, **meta: Any) -> Any:
-    return field(default=default, metadata={"help": help, **meta})
+from llmlab.settings import setting as _
 
 
 _RUN = "the run's own"

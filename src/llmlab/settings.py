@@ -79,6 +79,13 @@ def comma_list(item: type):
     return parse
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints a usage block and exits; llmlab's rule is one `error: ...` line, exit 2."""
+
+    def error(self, message: str):
+        raise LlmlabError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One flag per field of dataclass `cls` (but those named in `skip`). Every field must carry a
     help text (a test checks)."""

@@ -14,11 +14,10 @@ reuses measure_contexts and cache_bytes_entry), print_* format them:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -29,10 +28,7 @@ from llmlab.bench.report import print_cache_bytes, print_contexts, print_speed, 
 from llmlab.bench.shapes import (DECODE_STEPS, LLAMA_FFN, LLAMA_KV_HEADS, MLA_SIZES, N_EMBD, N_HEAD,  # noqa: F401
                                  N_LAYER, SHAPES, UNCACHED_STEPS, VOCAB)
 from llmlab.errors import LlmlabError
-
-
-def _(default: Any, help: str, **meta: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **meta})
+from llmlab.settings import setting as _
 
 
 @dataclass
@@ -53,17 +49,10 @@ class BenchArgs:
     seed: int = _(0, "random seed (weights, prompts)")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through llmlab's CLI, never a usage block
-        from llmlab.errors import LlmlabError
-
-        raise LlmlabError(f"{self.prog}: {message} (see `{self.prog} --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from llmlab.settings import add_flags
+    from llmlab.settings import OneLineParser, add_flags
 
-    p = _Parser(prog="llmlab bench decode", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="llmlab bench decode", description=__doc__.split("\n\n")[0],
                 argument_default=argparse.SUPPRESS)
     add_flags(p, BenchArgs)
     return p

@@ -2,16 +2,13 @@
 from them (llmlab.settings.add_flags), as sample's are from SampleArgs."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 from llmlab.errors import LlmlabError
+from llmlab.settings import setting as _
 
 API_KEY_ENV = "LLMLAB_API_KEY"
-
-
-def _(default: Any, help: str, **meta: Any) -> Any:
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass

@@ -4,11 +4,11 @@ llmlab.settings; the metadata's `help` is the flag's help text."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from llmlab.errors import LlmlabError
-from llmlab.settings import check_choices
+from llmlab.settings import check_choices, setting as _
 
 # The ModelConfig fields a flag can set over the preset's: sizes, then the kinds of part (a name
 # registered in llmlab/registry.py; an unknown one is ModelConfig's one-line error), so one change can
@@ -19,11 +19,6 @@ PARALLEL = ("none", "ddp", "fsdp")
 MAX_SAMPLE_TOKENS = 100_000  # the end-of-training sample: a glance, not a book
 MAX_VOCAB = 1 << 20  # BPE training allocates per id: far past any real vocabulary (256k) is a typo
 TOKENIZERS = ("byte", "char", "bpe")
-
-
-def _(default: Any, help: str, **meta: Any) -> Any:
-    """A field with its help text (and choices / what None means / metavar) next to it."""
-    return field(default=default, metadata={"help": help, **meta})
 
 
 _PRESET = "the preset's"
