@@ -182,16 +182,18 @@ def sharded(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "garbage_header", "no_dcp_files"])
+@pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "garbage_header", "no_dcp_folder"])
 def test_damaged_sharded_checkpoint_is_one_line(tmp_path, capfd, sharded, damage):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(sharded, run)
-    shard = next((run / "last" / "dcp").iterdir())
+    shard = next((run / "last" / "dcp").glob("*.safetensors"))  # one rank: one shard, its header the metadata
     data = shard.read_bytes()
-    if damage == "missing" or damage == "no_dcp_files":
+    if damage == "missing":  # the dcp folder left empty
         shard.unlink()
+    elif damage == "no_dcp_folder":  # the manifest says sharded, the folder is gone
+        shutil.rmtree(run / "last" / "dcp")
     elif damage == "empty":
         shard.write_bytes(b"")
     elif damage == "truncated":
