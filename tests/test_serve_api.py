@@ -258,6 +258,14 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]
         assert code == 2 and last.startswith("error:") and says in last and "Traceback" not in err, err
+    # the same tokenizer check where a run starts from that folder or converts it
+    for argv in (["convert", "--from-hf", str(small_vocab), "--out", str(tmp_path / "converted")],
+                 ["train", "--init-from", str(small_vocab), "--out", str(tmp_path / "tuned"), "--max-iters", "1"]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and "256 ids but the model only 200; they do not belong together" in last, (argv, err)
+    assert not (tmp_path / "converted").exists() or not any((tmp_path / "converted").iterdir())
 
 
 def test_the_readme_openai_example_runs_against_the_server(served, capsys):

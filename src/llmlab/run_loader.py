@@ -32,9 +32,9 @@ def check_usable(model, tok, where) -> None:
     that are all finite: refused in one line, whichever way the model was loaded."""
     import torch
 
-    if tok.vocab_size > model.config.vocab_size:
-        raise LlmlabError(f"the tokenizer in {where} has {tok.vocab_size} ids but the model only "
-                          f"{model.config.vocab_size}; they do not belong together (retrain or re-convert)")
+    from llmlab.tokenizer import check_fits
+
+    check_fits(tok, model.config.vocab_size, where)
     with torch.no_grad():
         bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:

@@ -243,6 +243,14 @@ class BPETokenizer(Tokenizer):
         return self.hf
 
 
+def check_fits(tokenizer: Tokenizer, vocab_size: int, where: object) -> None:
+    """Refuse (one line) a tokenizer with ids the model's embedding of `vocab_size` rows lacks: a
+    prompt could index past it."""
+    if tokenizer.vocab_size > vocab_size:
+        raise LlmlabError(f"the tokenizer in {where} has {tokenizer.vocab_size} ids but the model only {vocab_size}; "
+                          "they do not belong together (retrain or re-convert)")
+
+
 def build_tokenizer(kind: str, text: str, vocab_size: Optional[int] = None) -> Tokenizer:
     """Make a tokenizer of ``kind`` for ``text`` (vocab_size only matters for bpe)."""
     if kind == "byte":

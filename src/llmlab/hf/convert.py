@@ -202,15 +202,14 @@ def convert_from_hf(src: Union[str, os.PathLike], out_dir: Union[str, os.PathLik
     """HF directory -> new llmlab run directory `out_dir` with a `last/` checkpoint (written
     atomically; a non-empty `out_dir` is refused, nothing is overwritten). The source's
     tokenizer.json comes along (a byte/char vocabulary llmlab exported becomes that kind again)."""
-    from llmlab.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from llmlab.tokenizer import TOKENIZER_FILE, check_fits, load_tokenizer
 
     out = check_out_path(out_dir, "--out", directory=True)
     src = Path(src)
     model = from_hf(src)
     tokenizer = load_tokenizer(src) if (src / TOKENIZER_FILE).is_file() else None
-    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-        raise LlmlabError(f"{src}/{TOKENIZER_FILE} has {tokenizer.vocab_size} ids but the model only "
-                          f"{model.config.vocab_size}; they do not belong together")
+    if tokenizer is not None:
+        check_fits(tokenizer, model.config.vocab_size, src)
     target = out / "last"
     try:
         save_checkpoint(target, model, tokenizer=tokenizer)

@@ -21,7 +21,7 @@ from llmlab import checkpoint as ckpt
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError, one_line
 from llmlab.runtime import Runtime
-from llmlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from llmlab.tokenizer import TOKENIZER_FILE, Tokenizer, check_fits, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,7 @@ def _tokenizer(directory: Path, config: ModelConfig, src: Path) -> Tokenizer:
         raise LlmlabError(f"--init-from {src} has no {TOKENIZER_FILE} beside its weights: a run started from it "
                           "trains with the model's own tokenizer")
     tokenizer = load_tokenizer(directory)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise LlmlabError(f"--init-from {src}: its tokenizer has {tokenizer.vocab_size} ids but the model only "
-                          f"{config.vocab_size}; they do not belong together")
+    check_fits(tokenizer, config.vocab_size, f"--init-from {src}")
     return tokenizer
 
 
