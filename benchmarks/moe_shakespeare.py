@@ -52,7 +52,7 @@ def run_one(ns) -> int:
     """Train one contestant at one seed in this process; print one JSON line of its numbers."""
     import torch
 
-    from llmlab import Transformer, preset_config
+    import llmlab
     from llmlab.training import train
 
     if ns.threads > 0:
@@ -67,8 +67,7 @@ def run_one(ns) -> int:
         summary = train(args)
         stats = summarize(out / "metrics.jsonl")
         full_val = full_val_loss(out, ns.data)
-    model = Transformer(preset_config(preset, vocab_size=65, n_layer=4, n_head=4, n_embd=128, block_size=64,
-                                      bias=False))
+        model = llmlab.load(out)  # the trained model's own parameter counts
     tail = stats["train"][-max(1, len(stats["train"]) // 10):]
     loads = [r["expert_load"] for r in tail if "expert_load" in r]
     worst = max(statistics.mean(layer) for layer in zip(*loads)) if loads else None
