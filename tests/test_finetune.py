@@ -326,6 +326,15 @@ def test_init_from_on_two_ranks_trains_like_one_process(tmp_path, corpus_file, p
     a, b = llmlab.load(ref / "best").state_dict(), llmlab.load(run / "best").state_dict()  # best/: gathered
     for k, v in a.items():  # Adam turns float-sum-order noise in a near-zero gradient into ~lr-sized steps
         torch.testing.assert_close(b[k], v, rtol=0, atol=1e-4)
+    if lora_rank:  # the sharded last/ merges as its single-file conversion loads (adapters folded in)
+        from llmlab.training.dcp import to_single
+
+        assert cli(["convert", str(run / "last"), "--merge-lora", "--out", str(tmp_path / "merged")]) == 0
+        to_single(run / "last", tmp_path / "single")
+        merged, single = llmlab.load(tmp_path / "merged"), llmlab.load(tmp_path / "single")
+        assert lora.adapted(merged) is None and merged.state_dict().keys() == single.state_dict().keys()
+        assert all(torch.equal(v, single.state_dict()[k]) for k, v in merged.state_dict().items())
+        assert json.loads((tmp_path / "merged" / "config.json").read_text())["state"]["merged_lora"]["rank"] == 4
 
 
 @pytest.mark.slow

@@ -209,24 +209,34 @@ def model_from_meta(meta: dict, directory: Path) -> Transformer:
     return lora.inject(model, adapters) if adapters is not None else model
 
 
-def save_merged(path: Path | str, out: Path) -> Path:
-    """`llmlab convert RUN --merge-lora --out DIR`: a LoRA run's checkpoint with its adapters folded
-    in, as a plain checkpoint (weights, config, tokenizer; no optimizer state)."""
+def save_plain(out: Path, model: Transformer, meta: dict, directory: Path, extra_state: Optional[dict] = None) -> Path:
+    """`model` (loaded from the checkpoint at `directory`, whose checked meta is `meta`) as a plain
+    checkpoint at `out`: its weights, config, tokenizer and training state, no optimizer state."""
     from llmlab.tokenizer import TOKENIZER_FILE, load_tokenizer
 
+    tokenizer = load_tokenizer(directory) if (directory / TOKENIZER_FILE).is_file() else None
+    state = {k: v for k, v in meta.get("state", {}).items() if k != "optimizer"} | (extra_state or {})
+    save_checkpoint(Path(out), model, tokenizer, meta.get("train"), state)
+    return Path(out)
+
+
+def save_merged(path: Path | str, out: Path, model: Optional[Transformer] = None) -> Path:
+    """`llmlab convert RUN --merge-lora --out DIR`: a LoRA run's checkpoint with its adapters folded
+    in, as a plain checkpoint. `model`: the checkpoint's model with its adapters, weights loaded
+    (a sharded checkpoint's, by llmlab.training.dcp.load_plain); by default loaded here."""
     directory = resolve_checkpoint(path)
-    if not (directory / MODEL_FILE).is_file():  # a sharded (--parallel) last/ keeps its weights in dcp/
-        raise LlmlabError(f"{directory} has no {MODEL_FILE} (a sharded --parallel checkpoint?): merge the run's "
-                          f"best/, or `llmlab convert {directory} --out DIR` first and merge DIR")
     meta = read_meta(directory)
     adapters = lora_settings(meta, directory)
     if adapters is None:
         raise LlmlabError(f"{directory} has no LoRA adapters to merge (it is a plain checkpoint: use it as it is)")
-    model = load(directory)
-    tokenizer = load_tokenizer(directory) if (directory / TOKENIZER_FILE).is_file() else None
-    state = {k: v for k, v in meta["state"].items() if k != "optimizer"} | {"merged_lora": adapters.to_dict()}
-    save_checkpoint(out, model, tokenizer, meta["train"], state)
-    return out
+    if model is None:
+        if not (directory / MODEL_FILE).is_file():
+            raise LlmlabError(f"{directory} has no {MODEL_FILE} (a sharded checkpoint is merged through `llmlab "
+                              f"convert {directory} --merge-lora --out DIR`)")
+        model = load(directory)  # merged on loading
+    else:
+        lora.merge(model)
+    return save_plain(out, model, meta, directory, {"merged_lora": adapters.to_dict()})
 
 
 def load_weights(model: Transformer, directory: Path) -> None:

@@ -196,9 +196,12 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     if ns.to_hf and ns.out:
         raise LlmlabError("--to-hf DIR is where the export goes; --out does not apply to it: drop one of them")
     if ns.merge_lora and ns.run_dir and ns.out and not ns.from_hf:
-        from llmlab.checkpoint import save_merged
+        from llmlab.checkpoint import resolve_checkpoint, save_merged
+        from llmlab.training.dcp import load_plain
 
-        save_merged(ns.run_dir, check_out_path(ns.out, "--out", directory=True))
+        out = check_out_path(ns.out, "--out", directory=True)
+        directory = resolve_checkpoint(ns.run_dir)  # a sharded (--parallel) last/ reads its dcp/ shards
+        save_merged(directory, out, load_plain(directory) if is_sharded(directory) else None)
         print(f"converted {ns.run_dir} -> {ns.out} (LoRA adapters merged into the weights)")
         return 0
     if ns.run_dir and ns.out and not ns.to_hf and not ns.from_hf and is_sharded(Path(ns.run_dir)):

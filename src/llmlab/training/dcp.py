@@ -219,23 +219,26 @@ def load_full_model(directory: Path, model) -> None:
     _read(directory, state, model)
 
 
-def to_single(directory: Path, out: Path) -> Path:
-    """`llmlab convert`: a sharded checkpoint -> one safetensors checkpoint (weights, config,
-    tokenizer; no optimizer state) that sample, eval and to_hf load."""
+def load_plain(directory: Path):
+    """A sharded checkpoint's model (LoRA adapters kept), its weights read into one process."""
     from llmlab import checkpoint as ckpt
-    from llmlab.tokenizer import load_tokenizer
 
     directory = Path(directory)
     if not is_sharded(directory):
         raise LlmlabError(f"{directory} is not a sharded checkpoint (no {DCP_DIR}/ in it); "
                           "pass the last/ directory of a run trained with --parallel")
-    meta = ckpt.read_meta(directory)
-    model = ckpt.model_from_meta(meta, directory)
+    model = ckpt.model_from_meta(ckpt.read_meta(directory), directory)
     load_full_model(directory, model)
-    tokenizer = load_tokenizer(directory) if meta.get("tokenizer") else None
-    state = {k: v for k, v in meta.get("state", {}).items() if k != "optimizer"}
-    ckpt.save_checkpoint(Path(out), model, tokenizer, meta.get("train"), state)
-    return Path(out)
+    return model
+
+
+def to_single(directory: Path, out: Path) -> Path:
+    """`llmlab convert`: a sharded checkpoint -> one safetensors checkpoint (weights, config,
+    tokenizer; no optimizer state) that sample, eval and to_hf load."""
+    from llmlab import checkpoint as ckpt
+
+    model = load_plain(directory)
+    return ckpt.save_plain(out, model, ckpt.read_meta(Path(directory)), Path(directory))
 
 
 def gather_to_single(out: Path, model, config, tokenizer, train_args: dict, state: dict, ranks) -> None:
