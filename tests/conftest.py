@@ -38,23 +38,22 @@ def corpus_file(tmp_path_factory) -> Path:
     return path
 
 
+TINY_SIZES = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
+
+
 def tiny(**kw):
     """A tiny ModelConfig of any preset (fp32, CPU-fast)."""
     from llmlab.presets import preset_config
 
-    name = kw.pop("preset", "flash")
-    sizes = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
-    sizes.update(kw)
-    return preset_config(name, **sizes)
+    return preset_config(kw.pop("preset", "flash"), **(TINY_SIZES | kw))
 
 
 def tiny_model(**kw):
-    """Transformer(tiny(**kw)) running with its preset's runtime (basic: manual attention and no
-    cache, flash_mla: the paged kernel...), as the preset's own runs do."""
-    from llmlab.model import Transformer
-    from llmlab.presets import preset_runtime
+    """presets.preset_model at tiny sizes: it runs with its preset's runtime (basic: manual attention
+    and no cache, flash_mla: the paged kernel...), as the preset's own runs do."""
+    from llmlab.presets import preset_model
 
-    return Transformer(tiny(**kw), preset_runtime(kw.get("preset", "flash")))
+    return preset_model(kw.pop("preset", "flash"), **(TINY_SIZES | kw))
 
 
 @pytest.fixture(autouse=True)
