@@ -37,7 +37,7 @@ def sampling_probs(logits: torch.Tensor, temperature, top_k=None, top_p=None) ->
     b, v = logits.shape
     # shifted so the largest is 0 and divided in float64: a tiny temperature (1e-300, which float32
     # rounds to 0) sends the others to -inf (greedy in the limit) instead of the probabilities to NaN
-    t = temperature.to(torch.float64, copy=False)[:, None] if torch.is_tensor(temperature) else temperature
+    t = temperature.to(logits.device, torch.float64)[:, None] if torch.is_tensor(temperature) else temperature
     logits = logits.double()
     logits = ((logits - logits.max(dim=-1, keepdim=True).values) / t).float()
     if top_k is not None:
