@@ -46,5 +46,11 @@ def test_use_free_cores_respects_omp_num_threads(monkeypatch):
         assert threads.use_free_cores() is None and torch.get_num_threads() == 2
         monkeypatch.delenv("OMP_NUM_THREADS")
         assert threads.use_free_cores() == 1 and torch.get_num_threads() == 1
+        # llmlab serve's engine leaves a core to its HTTP process: every idle core but one, at least one
+        monkeypatch.setattr(threads, "busy_cores", lambda s=0.1: 0.0)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        want = max(1, len(os.sched_getaffinity(0)) - 1)
+        assert threads.use_free_cores(leave=1) == want and torch.get_num_threads() == want
+        assert threads.use_free_cores(leave=99) == 1
     finally:
         torch.set_num_threads(old)

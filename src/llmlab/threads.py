@@ -57,13 +57,14 @@ def free_core_threads(max_threads: int, sample_s: float = 0.1) -> int:
     return max(1, min(max_threads, round(cores - busy)))
 
 
-def use_free_cores() -> Optional[int]:
+def use_free_cores(leave: int = 0) -> Optional[int]:
     """Set torch's thread count to the free cores unless OMP_NUM_THREADS says otherwise; returns
-    the count set (None: left as it was)."""
+    the count set (None: left as it was). `leave`: cores kept for another busy process of ours
+    (llmlab serve's HTTP process beside its engine's), at least one thread always."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     import torch
 
-    n = free_core_threads(torch.get_num_threads())
+    n = max(1, free_core_threads(torch.get_num_threads()) - leave)
     torch.set_num_threads(n)
     return n

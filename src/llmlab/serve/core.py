@@ -56,6 +56,9 @@ def main(conn, path_or_run: str, args: ServeArgs, runtime: Optional[dict]) -> No
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(format="%(levelname)s:     %(message)s")
+    from llmlab.threads import use_free_cores
+
+    use_free_cores(leave=1)  # the server's process streams the tokens on a core of its own
     try:
         from llmlab.serve.loading import load_engine
 
