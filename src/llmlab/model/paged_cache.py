@@ -26,6 +26,11 @@ from llmlab.errors import LlmlabError
 from llmlab.model.cache import CachedTensor, CacheStep, allocate
 
 
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks of `block_size` that hold `tokens` tokens (the last one partly filled)."""
+    return -(-tokens // block_size)
+
+
 class PagedCache:
     kind = "paged"
 
@@ -35,7 +40,7 @@ class PagedCache:
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
         self.spec, self.tables, self.block_size, self.max_len = spec, tables, block_size, max_len
-        self.per_seq = -(-max_len // block_size)
+        self.per_seq = blocks_for(max_len, block_size)
         usable = max_batch * self.per_seq if num_blocks is None else num_blocks
         first = 1 if trash_block else 0  # block 0 takes the writes nothing reads (left padding)
         self.pools = allocate(spec, n_layer, usable + first, block_size, dtype, device)
@@ -75,7 +80,7 @@ class PagedCache:
         for r, n in zip(rows, lengths):
             if not 0 <= r < self.batch:
                 raise ValueError(f"row {r} out of range (max_batch {self.batch})")
-            blocks = -(-n // self.block_size)
+            blocks = blocks_for(n, self.block_size)
             if n < 0 or blocks > self.per_seq:
                 raise LlmlabError(f"row {r}: length {n} does not fit {self.per_seq} blocks of "
                                   f"{self.block_size} tokens (max {self.per_seq * self.block_size})")
@@ -166,7 +171,7 @@ class PagedCache:
         scans) the span the batch uses, not every row's max_len. At least two (where rows have two):
         dynamo specialises a size-1 axis, so a compiled step that began at one block would compile
         again at two."""
-        return min(self.per_seq, max(2, -(-longest // self.block_size)))
+        return min(self.per_seq, max(2, blocks_for(longest, self.block_size)))
 
     def span_indices(self, table=None) -> torch.Tensor:
         """0..S-1 over the span a read of `table` returns (its blocks' tokens)."""

@@ -17,6 +17,7 @@ import time
 from typing import Optional
 
 from llmlab.errors import LlmlabError
+from llmlab.model.paged_cache import blocks_for
 from llmlab.serve.args import ServeArgs
 from llmlab.serve.core import Loaded, Stats
 from llmlab.serve.engine import Sequence
@@ -93,7 +94,7 @@ class EngineClient:
         return self.loaded.total_blocks
 
     def blocks_needed(self, prompt_len: int, max_tokens: int) -> int:
-        return -(-(prompt_len + max_tokens) // self.loaded.block_size)
+        return blocks_for(prompt_len + max_tokens, self.loaded.block_size)
 
     def submit(self, req: Request) -> None:
         """Send `req` to the engine, or raise ApiError: 503 while shutting down, 429 when the queue is full."""

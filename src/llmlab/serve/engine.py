@@ -30,6 +30,7 @@ import torch
 
 from llmlab.compiled import DecodeStep
 from llmlab.generation import sampling_probs
+from llmlab.model.paged_cache import blocks_for
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class Engine:
                     self.release(seq)
 
     def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+        return blocks_for(tokens, self.block_size)
 
     # ---- rows (called between steps) -------------------------------------------------------
     def attach(self, seq: Sequence) -> None:

@@ -86,14 +86,14 @@ def load_engine(path_or_run: str, args: ServeArgs, runtime: Optional[dict] = Non
     """(engine, tokenizer, stop ids, model folder, a one-line description) for serving `path_or_run`
     under `args`: the cache sized and checked against memory, the compiled step warmed up."""
     from llmlab import memory
+    from llmlab.model.paged_cache import blocks_for
     from llmlab.serve.engine import Engine
 
     model, tok, _, stops, folder = load_served(path_or_run, args.device, runtime)
     max_len = _context(model, args)
     if args.block_size is not None:
         model.use_runtime(model.runtime.replace(block_size=args.block_size))
-    per_row = -(-max_len // model.runtime.block_size)
-    blocks = args.cache_blocks or args.max_batch * per_row
+    blocks = args.cache_blocks or args.max_batch * blocks_for(max_len, model.runtime.block_size)
     weight = model.tok_emb.weight
     memory.check_fits(memory.cache_bytes(model.config, 1, blocks * model.runtime.block_size, weight.element_size()),
                       f"a paged cache of {blocks} blocks", "lower --max-batch, --max-len or --cache-blocks",
