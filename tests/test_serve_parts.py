@@ -113,10 +113,17 @@ def test_the_batch_is_sampled_in_one_pass_each_row_as_sample_next_alone():
         assert seqs[0].tokens[0] == int(logits[0].argmax()) and seqs[5].tokens[0] == int(logits[5].argmax())
 
 
-def drive(sched, ident_seqs, steps=10_000):
-    """Run the scheduler until idle; every emit as (outputs, decoded) in order."""
-    from llmlab.serve.scheduler import Scheduler  # noqa: F401 - the type driven
+def test_per_row_sampling_settings_follow_the_logits_device():
+    """The server makes its per-row settings on the host; logits on another device (the meta device
+    stands in for a GPU here) still divide by them there."""
+    from llmlab.generation import sampling_probs
 
+    probs = sampling_probs(torch.zeros(2, 5, device="meta"), torch.tensor([0.5, 2.0], dtype=torch.float64))
+    assert probs.device.type == "meta" and probs.shape == (2, 5)
+
+
+def drive(sched, ident_seqs, steps=10_000):
+    """Run the scheduler `sched` until idle; every emit as (outputs, decoded) in order."""
     emitted = []
     for ident, seq in ident_seqs:
         sched.add(ident, seq)

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llmlab.settings import OneLineParser, add_flags
 
     p = OneLineParser(prog="llmlab bench decode", description=__doc__.split("\n\n")[0],
-                argument_default=argparse.SUPPRESS)
+                      argument_default=argparse.SUPPRESS)
     add_flags(p, BenchArgs)
     return p
 

@@ -182,7 +182,8 @@ def assemble(settings, entries, runs: dict[tuple[str, int], dict[str, Any]], tim
                  "cache_bytes_per_token": first["cache_bytes_per_token"], "cache_formula": first["cache_formula"],
                  "seeds": [r["seed"] for r in good], "val_loss": [r["val_loss"] for r in good],
                  "val_loss_whole": [r["val_loss_whole"] for r in good], "val_tokens": first["val_tokens"],
-                 "val_curves": [r["val_curve"] for r in good], "peak_mem_mib": max((r["peak_mem_mib"] for r in good if r["peak_mem_mib"] is not None), default=None),
+                 "val_curves": [r["val_curve"] for r in good],
+                 "peak_mem_mib": max((r["peak_mem_mib"] for r in good if r["peak_mem_mib"] is not None), default=None),
                  "greedy_tokens": first["greedy_tokens"], "device": first["device"],
                  "timing": timing["entries"].get(e.name, {"error": "not timed"})}
         doc_entries.append(item)

@@ -75,7 +75,6 @@ class Engine:
         compile = model.runtime.compile if compile is None else compile
         self.decoder = DecodeStep(model, self.cache, compile)
         self.free_rows = list(range(max_batch - 1, -1, -1))  # popped from the end: row 0 first
-        self.decoded = 0
 
     def warm_up(self) -> None:
         """Prefill and decode throw-away sequences so the compiled step compiles here, before any
@@ -129,7 +128,6 @@ class Engine:
     def decode(self, decoding: Seq[Sequence]) -> None:
         """One token for each of `decoding` (none done). Appends to each one's `tokens` and sets
         `done` on a stop id or at max_tokens."""
-        self.decoded = len(decoding)  # sequences in this step's decode forward
         if not decoding:
             return
         if not self.batch_invariant:  # just the running rows
